@@ -1,0 +1,233 @@
+"""``build_app(settings)``: wires the pipeline and owns the background tasks.
+
+The request's path, in order: identify → (admit) → schedule → route → forward →
+account. ``Gateway.handle`` is the only entry point; it dispatches on the path with a
+dict lookup (no middleware chain on the hot path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from corral import __version__
+from corral.backends.backend import Backend
+from corral.backends.health import HealthMonitor
+from corral.config import Settings
+from corral.observe.accesslog import AccessLog
+from corral.pipeline import fleet
+from corral.pipeline.forward import Timeouts, request_headers
+from corral.pipeline.identify import client_ip, parse_networks
+from corral.pipeline.inference import INFERENCE_PATHS, handle_inference
+from corral.pipeline.route import Router
+from corral.scheduler.queues import JobQueue
+from corral.scheduler.slots import Scheduler
+
+log = logging.getLogger("corral")
+
+Handler = Callable[["Gateway", web.Request], Awaitable[web.StreamResponse]]
+GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
+
+
+class Gateway:
+    """Runtime state of one Corral process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.backends = [Backend.from_config(b) for b in settings.backends]
+        self.router = Router(settings.routing.strategy, settings.routing.prefer_loaded)
+        self.queue = JobQueue(settings.queue.fairness)
+        self.scheduler = Scheduler(self.backends, self.router, self.queue,
+                                   settings.queue.max_depth, settings.queue.max_wait)
+        t = settings.timeouts
+        self.timeouts = Timeouts(t.connect, t.first_byte, t.read)
+        self.client_timeout = self.timeouts.client_timeout()
+        self.retry_on = frozenset(str(x) for x in settings.retry.on)
+        self.retry_on_status = frozenset(x for x in settings.retry.on if isinstance(x, int))
+        self.proxies = parse_networks(settings.clients.trusted_proxies)
+        self.access_log = AccessLog(settings.access_log)
+        self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in start
+        self.health: HealthMonitor = None  # type: ignore[assignment]
+        self.started = time.time()
+        self._rr = 0
+        self._routes: dict[tuple[str, str], Handler] = {}
+        self._install_routes()
+
+    # -- lifespan -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+        # auto_decompress off and no auto headers: bytes pass through unchanged.
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        )
+        self.health = HealthMonitor(self.backends, self.session, self.settings.health,
+                                    self.scheduler.dispatch)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.health.timeout + 1):
+                await self.health.probe_all()
+        self.health.start()
+        self.access_log.start()
+
+    async def stop(self) -> None:
+        await self.health.stop()
+        await self.session.close()
+        await self.access_log.close()
+
+    # -- helpers the pipeline uses ------------------------------------------------
+
+    def client_ip(self, request: web.BaseRequest) -> str:
+        return client_ip(request, self.proxies)
+
+    def upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
+        return request_headers(request.headers)
+
+    def fleet_has_model(self, model: str) -> bool:
+        return any(model in b.models for b in self.backends)
+
+    def holders(self, model: str) -> list[Backend]:
+        now = time.monotonic()
+        return [b for b in self.backends if b.routable(now) and model in b.models]
+
+    def up_backends(self) -> list[Backend]:
+        now = time.monotonic()
+        return [b for b in self.backends if b.routable(now)]
+
+    def pick_any(self, backends: list[Backend] | None = None) -> Backend | None:
+        pool = self.up_backends() if backends is None else backends
+        if not pool:
+            return None
+        self._rr += 1
+        return pool[self._rr % len(pool)]
+
+    def note_failure(self, backend: Backend, kind: str) -> None:
+        """Passive health (nginx max_fails/fail_timeout): enough failures within
+        ``fail_timeout`` take the backend out for ``fail_timeout``."""
+        h = self.settings.health
+        if h.max_fails == 0:
+            return
+        backend.fails += 1
+        log.warning("backend %s failed a request (%s), %d/%d", backend.name, kind,
+                    backend.fails, h.max_fails)
+        if backend.fails >= h.max_fails:
+            backend.failed_until = time.monotonic() + h.fail_timeout
+            backend.fails = 0
+
+    def note_success(self, backend: Backend, model: str) -> None:
+        backend.fails = 0
+        if model not in backend.loaded:
+            # It ran, so it is resident now: prefer this backend before the next probe.
+            backend.loaded = backend.loaded | {model}
+
+    # -- routing table --------------------------------------------------------------
+
+    def _install_routes(self) -> None:
+        r = self._routes
+        for path in INFERENCE_PATHS:
+            r[("POST", path)] = handle_inference
+        for method in ("GET", "HEAD"):
+            r[(method, "/api/tags")] = fleet.fleet_tags
+            r[(method, "/healthz")] = _healthz
+            r[(method, "/readyz")] = _readyz
+            r[(method, "/corral/status")] = _status
+        r[("GET", "/api/ps")] = fleet.fleet_ps
+        r[("GET", "/v1/models")] = fleet.fleet_v1_models
+        r[("POST", "/api/show")] = fleet.proxy_by_model
+        r[("POST", "/api/push")] = fleet.proxy_by_model
+        r[("POST", "/api/pull")] = fleet.broadcast_stream
+        r[("POST", "/api/create")] = fleet.broadcast_stream
+        r[("POST", "/api/copy")] = fleet.broadcast_simple
+        r[("DELETE", "/api/delete")] = fleet.broadcast_simple
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        handler = self._routes.get((request.method, request.path))
+        if handler is not None:
+            return await handler(self, request)
+        path = request.path
+        if path.startswith("/api/blobs/") and request.method == "POST":
+            return await fleet.broadcast_stream(self, request)
+        if path.startswith("/v1/models/") and request.method == "GET":
+            return await fleet.proxy_v1_model(self, request)
+        return await fleet.proxy_one(self, request, self.pick_any())
+
+    # -- status ---------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started, 1),
+            "backends": [
+                {
+                    "name": b.name, "url": b.url, "up": b.up, "routable": b.routable(now),
+                    "draining": b.draining, "slots": b.max_concurrency,
+                    "in_flight": b.in_flight, "models": sorted(b.models),
+                    "loaded": sorted(b.loaded),
+                    "last_error": self.health.states[b.name].last_error
+                    if b.name in self.health.states else None,
+                }
+                for b in self.backends
+            ],
+            "queue": {"depth": len(self.queue), "by_class": self.queue.depth_by_class(),
+                      "max_depth": self.settings.queue.max_depth},
+        }
+
+
+async def _healthz(gw: Gateway, request: web.Request) -> web.StreamResponse:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(gw: Gateway, request: web.Request) -> web.StreamResponse:
+    ready = bool(gw.up_backends())
+    return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+
+async def _status(gw: Gateway, request: web.Request) -> web.StreamResponse:
+    return web.Response(body=orjson.dumps(gw.status()), content_type="application/json")
+
+
+def build_app(settings: Settings) -> web.Application:
+    gateway = Gateway(settings)
+    app = web.Application(client_max_size=settings.max_body_size, handler_args={})
+    app[GATEWAY_KEY] = gateway
+
+    async def lifespan(_: web.Application) -> AsyncIterator[None]:
+        await gateway.start()
+        yield
+        await gateway.stop()
+
+    app.cleanup_ctx.append(lifespan)
+
+    async def entry(request: web.Request) -> web.StreamResponse:
+        return await gateway.handle(request)
+
+    app.router.add_route("*", "/{tail:.*}", entry)
+    return app
+
+
+async def serve(settings: Settings, ready: Callable[[str], None] | None = None) -> None:
+    """Run until cancelled (the CLI cancels on SIGINT/SIGTERM)."""
+    app = build_app(settings)
+    # handler_cancellation: a client that disconnects cancels its handler, so its
+    # queue entry, slot and upstream request are released at once.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    host, port = settings.listen_host_port
+    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+    await site.start()
+    if ready is not None:
+        ready(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,109 @@
+"""``corral`` command line: serve | check | simulate | demo | bench."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from corral import __version__
+from corral.config import ConfigError, Settings, load_settings
+
+
+def run_async(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop (when available) until it ends or SIGINT/SIGTERM."""
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        runner = asyncio.Runner()
+    with runner:
+        loop = runner.get_loop()
+        task = loop.create_task(main)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            runner.run(_await(task))
+
+
+async def _await(task: asyncio.Task[None]) -> None:
+    await task
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _load(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        for line in exc.errors:
+            click.echo(f"corral: {line}", err=True)
+        click.echo("corral: configuration is invalid; nothing started", err=True)
+        sys.exit(1)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="corral")
+def main() -> None:
+    """Corral: a gateway in front of Ollama servers."""
+
+
+@main.command()
+@click.option("--config", "-c", type=click.Path(path_type=Path), default=None,
+              help="YAML configuration (default: one backend at 127.0.0.1:11434).")
+@click.option("--listen", default=None, help="Override the listen address (host:port).")
+@click.option("--log-level", default="info", show_default=True)
+def serve(config: Path | None, listen: str | None, log_level: str) -> None:
+    """Run the gateway."""
+    _setup_logging(log_level)
+    settings = _load(config)
+    if listen:
+        settings = Settings.model_validate({**settings.model_dump(), "listen": listen})
+    from corral.app import serve as serve_app
+
+    def ready(url: str) -> None:
+        click.echo(f"corral {__version__} listening on {url} "
+                   f"({len(settings.backends)} backend(s))", err=True)
+
+    run_async(serve_app(settings, ready))
+
+
+@main.command()
+@click.option("--config", "-c", type=click.Path(path_type=Path), required=True)
+@click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
+def check(config: Path, quiet: bool) -> None:
+    """Validate a configuration file (like nginx -t); exit 1 when invalid."""
+    settings = _load(config)
+    if not quiet:
+        click.echo(orjson.dumps(settings.model_dump(mode="json"),
+                                option=orjson.OPT_INDENT_2).decode())
+    click.echo(f"corral: the configuration file {config} is valid", err=True)
+
+
+def _register_optional() -> None:
+    # Sub-commands living in their own packages (each owns its options).
+    from corral.demo import demo_command
+    from corral.simulate.command import simulate_command
+
+    main.add_command(simulate_command, "simulate")
+    main.add_command(demo_command, "demo")
+
+
+_register_optional()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,420 @@
+"""Configuration: YAML → validated, frozen settings.
+
+Every key of DESIGN.md's configuration is a public interface: names here must not
+change. Unknown keys are errors (``extra="forbid"``) because a misspelt limit that is
+silently ignored is worse than a refusal to start. Errors name the file, the line and
+the dotted key, like ``nginx -t``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_RATE = re.compile(r"^\s*(\d+)\s*r/(s|m)\s*$")
+
+
+def parse_duration(value: Any) -> float:
+    """``500ms``, ``10s``, ``5m``, ``1h``, ``2d`` or a bare number of seconds → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration such as 500ms, 10s or 5m is expected, not a boolean")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(f"invalid duration {value!r}: use a number with ms, s, m, h or d")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError(f"invalid duration {value!r}")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def check_rate(value: Any) -> str:
+    """Rates are written as nginx writes them: ``10r/s`` or ``30r/m``, greater than zero."""
+    if not isinstance(value, str) or not _RATE.match(value):
+        raise ValueError(f"invalid rate {value!r}: use Nr/s or Nr/m, e.g. 10r/s or 30r/m")
+    if int(_RATE.match(value).group(1)) == 0:  # type: ignore[union-attr]
+        raise ValueError(f"invalid rate {value!r}: the rate must be greater than zero")
+    return value.replace(" ", "")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Rate = Annotated[str, BeforeValidator(check_rate)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _split_host_port(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid {what} {value!r}: expected host:port, e.g. 0.0.0.0:8080")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class BackendConfig(_Model):
+    url: str
+    name: str = ""
+    max_concurrency: int = Field(1, ge=1, le=4096)
+    weight: int = Field(1, ge=1, le=1000)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"invalid backend url {value!r}: expected http://host:port")
+        try:
+            parts.port  # noqa: B018 - raises on an out-of-range port
+        except ValueError as exc:
+            raise ValueError(f"invalid backend url {value!r}: {exc}") from None
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _default_name(self) -> BackendConfig:
+        if not self.name:
+            parts = urlsplit(self.url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            object.__setattr__(self, "name", f"{parts.hostname}:{port}")
+        return self
+
+
+class RoutingConfig(_Model):
+    strategy: Literal["least_conn", "round_robin", "random_two"] = "least_conn"
+    prefer_loaded: bool = True
+    affinity: Literal["none", "session"] = "none"
+
+
+class HealthConfig(_Model):
+    interval: Duration = 10.0
+    timeout: Duration = 2.0
+    fall: int = Field(3, ge=1)
+    rise: int = Field(2, ge=1)
+    max_fails: int = Field(3, ge=0)
+    fail_timeout: Duration = 30.0
+
+
+_RETRY_WORDS = {"error", "timeout"}
+
+
+class RetryConfig(_Model):
+    on: tuple[str | int, ...] = ("error", "timeout", 500, 502, 503, 504)
+    tries: int = Field(2, ge=1, le=100)
+
+    @field_validator("on")
+    @classmethod
+    def _on(cls, value: tuple[str | int, ...]) -> tuple[str | int, ...]:
+        out: list[str | int] = []
+        for item in value:
+            if isinstance(item, int) or (isinstance(item, str) and item.isdigit()):
+                code = int(item)
+                if not 400 <= code <= 599:
+                    raise ValueError(f"retry.on: {code} is not an HTTP error status")
+                out.append(code)
+            elif item in _RETRY_WORDS:
+                out.append(item)
+            else:
+                raise ValueError(
+                    f"retry.on: unknown condition {item!r} (error, timeout or a status)")
+        return tuple(out)
+
+
+class TimeoutsConfig(_Model):
+    connect: Duration = 5.0
+    first_byte: Duration = 300.0
+    read: Duration = 300.0
+
+
+class ClientsConfig(_Model):
+    identify: tuple[Literal["api_key", "ip"], ...] = ("api_key", "ip")
+    trusted_proxies: tuple[str, ...] = ()
+    require_api_key: bool = False
+    default_tier: str = "basic"
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies: {cidr!r} is not an IP address or CIDR") from None
+        return value
+
+
+class KeyConfig(_Model):
+    name: str = Field(min_length=1)
+    key: str | None = Field(None, min_length=1)
+    key_sha256: str | None = None
+    tier: str | None = None
+    admin: bool = False
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hex(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError("key_sha256 must be 64 hexadecimal characters (corral keys hash)")
+        return value.lower() if value else value
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> KeyConfig:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError(f"key {self.name!r}: give exactly one of key or key_sha256")
+        return self
+
+
+class TierConfig(_Model):
+    priority: Literal["high", "normal", "low"] = "normal"
+    weight: float = Field(1.0, gt=0, le=1_000_000)
+
+
+class LimitRule(_Model):
+    name: str = Field(min_length=1)
+    paths: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    tiers: tuple[str, ...] = ()
+    key: str = "ip"
+    rate: Rate | None = None
+    burst: int = Field(0, ge=0)
+    nodelay: bool = False
+    delay: int | None = Field(None, ge=0)
+    dry_run: bool = False
+    status: int = Field(429, ge=400, le=599)
+    max_concurrent: int | None = Field(None, ge=1, le=65535)
+    tokens_per_minute: int | None = Field(None, ge=1)
+    tokens_per_day: int | None = Field(None, ge=1)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        if value in ("ip", "api_key", "tier") or re.fullmatch(r"header:[A-Za-z0-9-]+", value):
+            return value
+        raise ValueError(f"unknown rule key {value!r}: use ip, api_key, tier or header:<Name>")
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(m.upper() for m in value)
+
+    @model_validator(mode="after")
+    def _kind(self) -> LimitRule:
+        kinds = [
+            self.rate is not None,
+            self.max_concurrent is not None,
+            self.tokens_per_minute is not None or self.tokens_per_day is not None,
+        ]
+        if sum(kinds) != 1:
+            raise ValueError(
+                f"limit {self.name!r}: give exactly one of rate, max_concurrent, "
+                "tokens_per_minute/tokens_per_day"
+            )
+        if self.rate is None and (self.burst or self.nodelay or self.delay is not None):
+            raise ValueError(f"limit {self.name!r}: burst, nodelay and delay go with rate")
+        if self.nodelay and self.delay is not None:
+            raise ValueError(f"limit {self.name!r}: delay and nodelay exclude each other")
+        return self
+
+
+class LimitsConfig(_Model):
+    """``limits`` is a list of rules, or a mapping ``{on_store_error, rules}``."""
+
+    on_store_error: Literal["allow", "deny"] = "allow"
+    rules: tuple[LimitRule, ...] = ()
+
+
+class QueueConfig(_Model):
+    max_depth: int = Field(1000, ge=0)
+    max_wait: Duration = 120.0
+    fairness: Literal["tokens", "requests", "fifo"] = "tokens"
+
+
+class JobsConfig(_Model):
+    callback_hosts: tuple[str, ...] = ()
+
+
+class MetricsConfig(_Model):
+    path: str = "/metrics"
+
+
+def _default_tiers() -> dict[str, TierConfig]:
+    return {
+        "premium": TierConfig(priority="high", weight=4),
+        "basic": TierConfig(priority="normal", weight=1),
+        "batch": TierConfig(priority="low", weight=1),
+    }
+
+
+class Settings(_Model):
+    listen: str = "0.0.0.0:8080"
+    state: str = "memory"
+    backends: tuple[BackendConfig, ...] = (BackendConfig(url="http://127.0.0.1:11434"),)
+    routing: RoutingConfig = RoutingConfig()
+    health: HealthConfig = HealthConfig()
+    retry: RetryConfig = RetryConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    clients: ClientsConfig = ClientsConfig()
+    keys: tuple[KeyConfig, ...] = ()
+    tiers: dict[str, TierConfig] = Field(default_factory=_default_tiers)
+    limits: LimitsConfig = LimitsConfig()
+    queue: QueueConfig = QueueConfig()
+    jobs: JobsConfig = JobsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    access_log: str = "stdout"   # stdout | stderr | off | a file path
+    max_body_size: int = Field(100 * 1024 * 1024, ge=1024)
+    shutdown_grace: Duration = 30.0
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        _split_host_port(value, "listen address")
+        return value
+
+    @field_validator("state")
+    @classmethod
+    def _state(cls, value: str) -> str:
+        if value == "memory" or value.startswith(("redis://", "rediss://", "unix://")):
+            return value
+        raise ValueError(f"invalid state {value!r}: use memory or redis://host:6379/0")
+
+    @field_validator("limits", mode="before")
+    @classmethod
+    def _limits_list(cls, value: Any) -> Any:
+        return {"rules": value} if isinstance(value, list | tuple) else value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        names = [b.name for b in self.backends]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"backends: duplicate name(s) {sorted(dup)}")
+        if not self.backends:
+            raise ValueError("backends: at least one backend is needed")
+        if self.clients.default_tier not in self.tiers:
+            raise ValueError(f"clients.default_tier: unknown tier {self.clients.default_tier!r}")
+        for key in self.keys:
+            if key.tier is not None and key.tier not in self.tiers:
+                raise ValueError(f"keys: key {key.name!r} names unknown tier {key.tier!r}")
+        rule_names = [r.name for r in self.limits.rules]
+        dup = {n for n in rule_names if rule_names.count(n) > 1}
+        if dup:
+            raise ValueError(f"limits: duplicate rule name(s) {sorted(dup)}")
+        for rule in self.limits.rules:
+            unknown = [t for t in rule.tiers if t not in self.tiers]
+            if unknown:
+                raise ValueError(f"limits: rule {rule.name!r} names unknown tier(s) {unknown}")
+        return self
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        return _split_host_port(self.listen, "listen address")
+
+
+class ConfigError(Exception):
+    """Invalid configuration; ``errors`` are human lines naming file, line and key."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def _line_map(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
+    """Record the 1-based line of every key path in the YAML tree (for error messages)."""
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = (*path, key_node.value)
+            out[child] = key_node.start_mark.line + 1
+            _line_map(value_node, child, out)
+            out[child] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _line_map(item, (*path, index), out)
+
+
+def _loc_to_path(loc: tuple[int | str, ...]) -> tuple[Any, ...]:
+    # ``limits`` given as a list is wrapped into {"rules": [...]}: map its loc back.
+    if len(loc) >= 2 and loc[0] == "limits" and loc[1] == "rules":
+        return ("limits", *loc[2:])
+    return tuple(loc)
+
+
+def _format_errors(exc: ValidationError, source: str,
+                   lines: dict[tuple[Any, ...], int]) -> list[str]:
+    out = []
+    for err in exc.errors():
+        loc = _loc_to_path(tuple(err["loc"]))
+        # pydantic adds the validator's type to the loc of union members; keep real keys.
+        key_path = tuple(p for p in loc if isinstance(p, int) or p in _known_path_words(loc))
+        line = None
+        probe = key_path
+        while probe and line is None:
+            line = lines.get(probe)
+            probe = probe[:-1]
+        where = f"{source}:{line}" if line else source
+        dotted = ".".join(str(p) for p in key_path) or "(top level)"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        out.append(f"{where}: {dotted}: {message}")
+    return out
+
+
+def _known_path_words(loc: tuple[Any, ...]) -> set[str]:
+    # Everything in loc that is not a pydantic type tag such as "function-before[...]".
+    return {p for p in loc if isinstance(p, str) and "[" not in p}
+
+
+def load_settings_text(text: str, source: str = "<config>") -> Settings:
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ConfigError([f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"{source}:1: the configuration must be a mapping of keys"])
+    lines: dict[tuple[Any, ...], int] = {}
+    if root is not None:
+        _line_map(root, (), lines)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source, lines)) from None
+
+
+def load_settings(path: str | Path | None) -> Settings:
+    """Read and validate a config file; ``None`` gives the documented defaults."""
+    if path is None:
+        return Settings()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read: {exc.strerror}"]) from None
+    return load_settings_text(text, str(p))

@@ -1,0 +1,177 @@
+"""Forward a request upstream and relay the answer chunk by chunk.
+
+Invariants kept here:
+- nothing buffers a body: every chunk read from the backend is written to the client
+  before the next read;
+- a failure before the first byte reaches the client may be retried by the caller
+  (``UpstreamFailure`` is raised before anything is written); after it, never;
+- a client that goes away cancels this task (handler cancellation is on), and the
+  ``finally`` blocks close the upstream connection, which stops the generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from corral.backends.backend import Backend
+from corral.pipeline.account import TAIL_BYTES
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus the ones aiohttp computes itself.
+_HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
+        "Trailer", "Trailers", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
+    )
+)
+
+
+def _drop_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+    listed = headers.get("Connection")
+    if not listed:
+        return _HOP_BY_HOP
+    return _HOP_BY_HOP | {h.strip().lower() for h in listed.split(",")}
+
+
+def request_headers(headers: CIMultiDictProxy[str],
+                    strip: frozenset[str] = frozenset()) -> CIMultiDict[str]:
+    """Client headers for the backend with hop-by-hop ones dropped. ``Host`` is
+    dropped too: aiohttp sets the backend's own (Ollama on loopback answers 403 to a
+    foreign Host)."""
+    drop = _drop_listed(headers) | strip
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in headers.items():
+        if k.lower() not in drop:
+            out.add(k, v)
+    return out
+
+
+def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    drop = _drop_listed(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in headers.items():
+        if k.lower() not in drop:
+            out.add(k, v)
+    return out
+
+
+class UpstreamFailure(Exception):
+    """The backend failed before sending a response header: safe to retry."""
+
+    def __init__(self, kind: str, message: str, status: int = 502) -> None:
+        super().__init__(message)
+        self.kind = kind          # "error" | "timeout"
+        self.status = status      # what the client gets if no retry succeeds
+
+
+@dataclass
+class Timeouts:
+    connect: float
+    first_byte: float
+    read: float
+
+    def client_timeout(self) -> aiohttp.ClientTimeout:
+        # sock_read covers the wait for the header (a cold model load happens before
+        # it); once the header is in, ``open_upstream`` narrows it to ``read``.
+        return aiohttp.ClientTimeout(total=None, connect=None,
+                                     sock_connect=self.connect or None,
+                                     sock_read=self.first_byte or None)
+
+
+async def open_upstream(session: aiohttp.ClientSession, backend: Backend, method: str,
+                        path_qs: str, headers: CIMultiDict[str], body: bytes | None,
+                        timeouts: Timeouts,
+                        client_timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+    """Send the request and wait for the response header."""
+    try:
+        resp = await session.request(method, backend.url + path_qs, headers=headers,
+                                     data=body, timeout=client_timeout,
+                                     allow_redirects=False)
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise UpstreamFailure("timeout", f"backend {backend.name} timed out: {exc}",
+                              504) from None
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamFailure("error", f"backend {backend.name} unreachable: {exc.os_error}",
+                              502) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamFailure("error", f"backend {backend.name} failed: {exc!r}", 502) from None
+    if resp.connection is not None and resp.connection.protocol is not None:
+        resp.connection.protocol.read_timeout = timeouts.read or None
+    return resp
+
+
+@dataclass
+class RelayResult:
+    status: int = 0
+    nbytes: int = 0
+    chunks: int = 0
+    ttfb: float | None = None      # seconds from the relay's start to the first body byte
+    tail: bytes = b""
+    error: str | None = None
+    client_gone: bool = False
+    completed: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+async def relay(request: web.Request, upstream: aiohttp.ClientResponse, result: RelayResult,
+                sse: bool, extra_headers: dict[str, str] | None = None) -> web.StreamResponse:
+    """Stream ``upstream`` to the client as it arrives; keep a bounded tail for
+    accounting. Mid-stream upstream failures end an NDJSON stream with an
+    ``{"error": ...}`` line, as Ollama does, and an SSE stream without ``[DONE]``."""
+    headers = response_headers(upstream.headers)
+    if extra_headers:
+        headers.update(extra_headers)
+    resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    length = upstream.content_length
+    if length is not None:
+        resp.content_length = length
+    result.status = upstream.status
+    await resp.prepare(request)
+    tail = bytearray()
+    newline = b"\n"
+    content = upstream.content
+    while True:
+        try:
+            chunk = await content.readany()
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            # Only the upstream read is guarded: a client that went away raises from
+            # ``resp.write`` below and ends the relay (the caller closes upstream).
+            result.error = _mid_stream_message(exc)
+            if length is not None:
+                # A fixed-length body cannot carry an error: cut the connection so the
+                # client sees a truncated response, not a hang.
+                resp.force_close()
+                if request.transport is not None:
+                    request.transport.close()
+                result.tail = bytes(tail)
+                return resp
+            if not sse:
+                await resp.write(b'{"error":' + orjson.dumps(result.error) + b"}\n")
+            break
+        if not chunk:
+            result.completed = True
+            break
+        if result.ttfb is None:
+            result.ttfb = time.monotonic() - result.started
+        await resp.write(chunk)
+        result.nbytes += len(chunk)
+        result.chunks += chunk.count(newline)
+        tail += chunk
+        if len(tail) > 2 * TAIL_BYTES:
+            del tail[:-TAIL_BYTES]
+    result.tail = bytes(tail)
+    await resp.write_eof()
+    return resp
+
+
+def _mid_stream_message(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.SocketTimeoutError):
+        return "upstream timed out between two chunks"
+    return "upstream connection lost mid-stream"

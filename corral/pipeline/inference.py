@@ -1,0 +1,196 @@
+"""The path of an inference request: parse → schedule → route → forward → account.
+
+This is the one place where the order of the steps is visible. Everything here runs
+per request, so it parses only what scheduling needs (``model``, a cost estimate) and
+never re-encodes the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from corral.backends.backend import normalize_model
+from corral.pipeline.account import usage_from_tail
+from corral.pipeline.errors import error_response, not_found_model
+from corral.pipeline.forward import RelayResult, UpstreamFailure, open_upstream, relay
+from corral.scheduler.queues import Job
+from corral.scheduler.slots import SchedulingError
+
+if TYPE_CHECKING:
+    from corral.app import Gateway
+
+# Routes that run a model and therefore take a backend slot.
+INFERENCE_PATHS = frozenset({
+    "/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+    "/v1/messages",
+})
+_EMBED_PATHS = frozenset({"/api/embed", "/api/embeddings", "/v1/embeddings"})
+_DEFAULT_OUT_ESTIMATE = 256
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.client_max_size
+        raise BadRequest(413, f"request body too large: the limit is {limit} bytes") from None
+
+
+def parse_request(body: bytes) -> tuple[dict[str, Any], str]:
+    if not body:
+        raise BadRequest(400, "missing request body")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(400, f"invalid JSON in request body: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(400, "the request body must be a JSON object")
+    model = data.get("model")
+    if model is None or model == "":
+        raise BadRequest(400, "model is required")
+    if not isinstance(model, str):
+        raise BadRequest(400, "model must be a string")
+    return data, model
+
+
+def estimate_cost(path: str, data: dict[str, Any], body_len: int) -> float:
+    """Tokens in ×1 + tokens out ×2, estimated before the run; corrected afterwards."""
+    tokens_in = body_len // 4
+    if path in _EMBED_PATHS:
+        return float(tokens_in)
+    out = None
+    options = data.get("options")
+    if isinstance(options, dict):
+        out = options.get("num_predict")
+    if out is None:
+        out = data.get("max_tokens")
+    if not isinstance(out, int) or out <= 0:
+        out = _DEFAULT_OUT_ESTIMATE
+    return float(tokens_in + 2 * out)
+
+
+async def handle_inference(gw: Gateway, request: web.Request) -> web.StreamResponse:
+    path = request.path
+    openai = path.startswith("/v1/")
+    started = time.monotonic()
+    rec: dict[str, Any] = {
+        "time": time.time(), "client": gw.client_ip(request), "method": request.method,
+        "path": path, "model": None, "backend": None, "status": 0, "queue_wait_ms": 0.0,
+        "ttfb_ms": None, "duration_ms": 0.0, "bytes": 0, "retries": 0,
+    }
+    try:
+        return await _serve(gw, request, path, openai, started, rec)
+    except asyncio.CancelledError:
+        rec["status"] = rec["status"] or 499
+        rec["error"] = rec.get("error") or "client closed the request"
+        raise
+    finally:
+        rec["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
+        gw.access_log.write(rec)
+
+
+async def _serve(gw: Gateway, request: web.Request, path: str, openai: bool, started: float,
+                 rec: dict[str, Any]) -> web.StreamResponse:
+    try:
+        body = await read_body(request)
+        data, model = parse_request(body)
+    except BadRequest as exc:
+        rec["status"], rec["error"] = exc.status, str(exc)
+        return error_response(exc.status, str(exc), openai)
+    rec["model"] = model
+    name = normalize_model(model)
+    if not gw.fleet_has_model(name):
+        refresh = gw.health.refresh_soon()
+        if refresh is not None:
+            await asyncio.shield(refresh)
+        if not gw.fleet_has_model(name):
+            rec["status"] = 404
+            return error_response(404, not_found_model(path, model), openai)
+
+    job = Job(model=name, client=rec["client"], cost=estimate_cost(path, data, len(body)))
+    headers = gw.upstream_headers(request)
+    path_qs = request.path_qs
+    last_failure: UpstreamFailure | None = None
+    attempt = 0
+    while True:
+        try:
+            backend = await gw.scheduler.acquire(job, front=attempt > 0)
+        except SchedulingError as exc:
+            rec["queue_wait_ms"] = round((time.monotonic() - started) * 1000, 3)
+            if last_failure is not None:
+                rec["status"], rec["error"] = last_failure.status, str(last_failure)
+                return error_response(last_failure.status, str(last_failure), openai)
+            rec["status"], rec["error"] = exc.status, str(exc)
+            return error_response(exc.status, str(exc), openai,
+                                  {"Retry-After": str(exc.retry_after)})
+        if attempt == 0:
+            rec["queue_wait_ms"] = round((time.monotonic() - started) * 1000, 3)
+        rec["backend"] = backend.name
+        try:
+            upstream = await open_upstream(gw.session, backend, request.method, path_qs,
+                                           headers, body, gw.timeouts, gw.client_timeout)
+        except UpstreamFailure as failure:
+            gw.scheduler.release(backend)
+            gw.note_failure(backend, failure.kind)
+            last_failure, attempt = failure, attempt + 1
+            if attempt < gw.settings.retry.tries and failure.kind in gw.retry_on:
+                job.exclude |= {backend.name}
+                rec["retries"] = attempt
+                continue
+            rec["status"], rec["error"] = failure.status, str(failure)
+            return error_response(failure.status, str(failure), openai)
+        if upstream.status in gw.retry_on_status and attempt + 1 < gw.settings.retry.tries:
+            # A retryable status (e.g. 500 out of memory) before anything reached the
+            # client: drop it and try another backend, keeping the job's place.
+            upstream.close()
+            gw.scheduler.release(backend)
+            gw.note_failure(backend, str(upstream.status))
+            last_failure = UpstreamFailure("status", f"backend {backend.name} answered "
+                                           f"{upstream.status}", upstream.status)
+            attempt += 1
+            rec["retries"] = attempt
+            job.exclude |= {backend.name}
+            continue
+        break
+    return await _stream(gw, request, job, backend, upstream, openai, rec)
+
+
+async def _stream(gw: Gateway, request: web.Request, job: Job, backend: Any,
+                  upstream: aiohttp.ClientResponse, openai: bool,
+                  rec: dict[str, Any]) -> web.StreamResponse:
+    result = RelayResult()
+    rec["status"] = upstream.status
+    sse = upstream.content_type == "text/event-stream"
+    try:
+        resp = await relay(request, upstream, result, sse)
+    finally:
+        if result.completed:
+            upstream.release()
+        else:
+            upstream.close()      # stops the generation on the backend
+        gw.scheduler.release(backend)
+        rec["bytes"] = result.nbytes
+        if result.ttfb is not None:
+            rec["ttfb_ms"] = round(result.ttfb * 1000, 3)
+        if result.error:
+            rec["error"] = result.error
+        if upstream.status < 300:
+            gw.note_success(backend, job.model)
+            usage = usage_from_tail(result.tail, openai, result.chunks)
+            if usage is not None:
+                rec["tokens_in"], rec["tokens_out"] = usage.tokens_in, usage.tokens_out
+                gw.scheduler.queue.charge(job, usage.service - job.cost)
+    return resp

@@ -1,0 +1,68 @@
+"""Configuration: defaults, durations, and errors naming file, line and key."""
+
+import pytest
+
+from corral.config import ConfigError, load_settings, load_settings_text, parse_duration
+
+
+def test_defaults() -> None:
+    s = load_settings(None)
+    assert s.listen == "0.0.0.0:8080"
+    assert s.backends[0].url == "http://127.0.0.1:11434"
+    assert s.backends[0].name == "127.0.0.1:11434"
+    assert s.state == "memory"
+    assert s.timeouts.first_byte == 300
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("500ms", 0.5), ("10s", 10), ("5m", 300),
+                                               ("1h", 3600), (3, 3.0), ("1.5s", 1.5)])
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_errors_name_file_line_and_key() -> None:
+    text = (
+        "listen: 0.0.0.0:8080\n"
+        "backends:\n"
+        "  - url: http://127.0.0.1:11434\n"
+        "    max_concurency: 2\n"
+        "timeouts:\n"
+        "  read: 5x\n"
+        "limits:\n"
+        "  - name: gen\n"
+        "    rate: 10r/h\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings_text(text, "corral.yaml")
+    errors = info.value.errors
+    assert "corral.yaml:4: backends.0.max_concurency: unknown key" in errors
+    assert any(e.startswith("corral.yaml:6: timeouts.read: invalid duration") for e in errors)
+    assert any(e.startswith("corral.yaml:9: limits.0.rate: invalid rate") for e in errors)
+
+
+@pytest.mark.parametrize("bad", [
+    "backends: []",
+    "backends:\n  - url: http://a:1\n    name: x\n  - url: http://b:1\n    name: x",
+    "listen: nowhere",
+    "state: postgres://x",
+    "limits:\n  - {name: a, rate: 0r/s}",
+    "limits:\n  - {name: a, rate: 1r/s, delay: 1, nodelay: true}",
+    "limits:\n  - {name: a, rate: 1r/s, burst: -1}",
+    "limits:\n  - {name: a, rate: 1r/s, tiers: [gold]}",
+    "keys:\n  - {name: k, key: s, tier: gold}",
+    "keys:\n  - {name: k}",
+    "queue: {fairness: lottery}",
+    "retry: {on: [teapot]}",
+])
+def test_invalid_configs_are_refused(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        load_settings_text(bad)
+
+
+def test_limits_as_mapping_or_list() -> None:
+    a = load_settings_text("limits:\n  - {name: a, rate: 10r/m, burst: 3, nodelay: true}")
+    b = load_settings_text(
+        "limits:\n  on_store_error: deny\n  rules:\n    - {name: a, rate: 10r/m, burst: 3, "
+        "nodelay: true}")
+    assert a.limits.rules == b.limits.rules
+    assert b.limits.on_store_error == "deny"
