@@ -91,7 +91,7 @@ class HealthMonitor:
             state.good, state.bad = state.good + 1, 0
             if not backend.up and (first or state.good >= self.cfg.rise):
                 backend.up = True
-                log.warning("backend %s is up (%d models)", backend.name, len(backend.models))
+                log.info("backend %s is up (%d models)", backend.name, len(backend.models))
         else:
             state.good, state.bad = 0, state.bad + 1
             if backend.up and state.bad >= self.cfg.fall:

@@ -112,6 +112,11 @@ async def _serve(gw: Gateway, request: web.Request, path: str, openai: bool, sta
         return error_response(exc.status, str(exc), openai)
     rec["model"] = model
     name = normalize_model(model)
+    if not gw.up_backends():
+        # Nothing answers at all: say so plainly rather than guess a 404.
+        rec["status"], rec["error"] = 503, "no backend is reachable"
+        return error_response(503, "no backend is reachable; try again later", openai,
+                              {"Retry-After": "5"})
     if not gw.fleet_has_model(name):
         refresh = gw.health.refresh_soon()
         if refresh is not None:

@@ -1,0 +1,163 @@
+"""Real processes on real sockets: stand-in Ollama servers and Corral gateways.
+
+Each fixture starts a subprocess on a free port, waits until it answers, and stops it
+at the end of the test, so the tests exercise exactly what an operator runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20,
+               need_ok: bool = False) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            if not need_ok:
+                return      # it answers; a status is an answer
+            time.sleep(0.05)
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer in {timeout}s:\n{log.read_text()}")
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def post_json(url: str, data: Any) -> Any:
+    req = urllib.request.Request(url, data=json.dumps(data).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        body = r.read()
+        return json.loads(body) if body else None
+
+
+@dataclass
+class Proc:
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Sim(Proc):
+    def stats(self) -> dict[str, Any]:
+        return get_json(self.url + "/_sim/stats")  # type: ignore[no-any-return]
+
+    def reset(self) -> None:
+        post_json(self.url + "/_sim/reset", {})
+
+    def fault(self, mode: str, **kw: Any) -> None:
+        post_json(self.url + "/_sim/fault", {"mode": mode, **kw})
+
+
+@dataclass
+class Gateway(Proc):
+    access_log: Path = Path()
+
+    def status(self) -> dict[str, Any]:
+        return get_json(self.url + "/corral/status")  # type: ignore[no-any-return]
+
+    def records(self) -> list[dict[str, Any]]:
+        # The access log is flushed every 100 ms.
+        time.sleep(0.25)
+        if not self.access_log.exists():
+            return []
+        return [json.loads(line) for line in self.access_log.read_text().splitlines() if line]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture
+def start_sim(tmp_path: Path) -> Iterator[Any]:
+    started: list[Sim] = []
+
+    def start(*args: str) -> Sim:
+        port = free_port()
+        log = tmp_path / f"sim-{port}.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "corral.simulate", "--port", str(port), *args],
+            stdout=log.open("wb"), stderr=subprocess.STDOUT, env=_env())
+        sim = Sim(f"http://127.0.0.1:{port}", port, proc, log)
+        started.append(sim)
+        _wait_http(sim.url + "/api/version", proc, log)
+        return sim
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def start_corral(tmp_path: Path) -> Iterator[Any]:
+    started: list[Gateway] = []
+
+    def start(config: dict[str, Any], wait_ready: bool = True) -> Gateway:
+        port = free_port()
+        access = tmp_path / f"access-{port}.log"
+        cfg = {"listen": f"127.0.0.1:{port}", "access_log": str(access), **config}
+        cfg_path = tmp_path / f"corral-{port}.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        log = tmp_path / f"corral-{port}.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "corral", "serve", "--config", str(cfg_path)],
+            stdout=log.open("wb"), stderr=subprocess.STDOUT, env=_env())
+        gw = Gateway(f"http://127.0.0.1:{port}", port, proc, log, access_log=access)
+        started.append(gw)
+        _wait_http(gw.url + "/healthz", proc, log)
+        if wait_ready:
+            _wait_http(gw.url + "/readyz", proc, log, need_ok=True)
+        return gw
+
+    yield start
+    for g in started:
+        g.stop()
+
+
+def backends(*sims: Sim, slots: int = 1) -> list[dict[str, Any]]:
+    return [{"url": s.url, "name": f"b{i}", "max_concurrency": slots}
+            for i, s in enumerate(sims)]
