@@ -25,11 +25,12 @@ from corral.backends.health import HealthMonitor
 from corral.config import Settings
 from corral.observe.accesslog import AccessLog
 from corral.pipeline import fleet
+from corral.pipeline.errors import error_response
 from corral.pipeline.forward import Timeouts, request_headers
-from corral.pipeline.identify import client_ip, parse_networks
+from corral.pipeline.identify import Client, Identifier
 from corral.pipeline.inference import INFERENCE_PATHS, handle_inference
 from corral.pipeline.route import Router
-from corral.scheduler.queues import JobQueue
+from corral.scheduler.queues import JobQueue, Priority
 from corral.scheduler.slots import Scheduler
 
 log = logging.getLogger("corral")
@@ -53,7 +54,9 @@ class Gateway:
         self.client_timeout = self.timeouts.client_timeout()
         self.retry_on = frozenset(str(x) for x in settings.retry.on)
         self.retry_on_status = frozenset(x for x in settings.retry.on if isinstance(x, int))
-        self.proxies = parse_networks(settings.clients.trusted_proxies)
+        self.identifier = Identifier(settings)
+        self.tiers = {name: (Priority.parse(t.priority), t.weight)
+                      for name, t in settings.tiers.items()}
         self.access_log = AccessLog(settings.access_log)
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in start
         self.health: HealthMonitor = None  # type: ignore[assignment]
@@ -86,11 +89,11 @@ class Gateway:
 
     # -- helpers the pipeline uses ------------------------------------------------
 
-    def client_ip(self, request: web.BaseRequest) -> str:
-        return client_ip(request, self.proxies)
-
     def upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
-        return request_headers(request.headers)
+        client: Client | None = request.get("client")
+        # A Corral key is Corral's business: it is not passed on to the backends.
+        strip = _CREDENTIALS if client is not None and client.key_matched else frozenset()
+        return request_headers(request.headers, strip)
 
     def fleet_has_model(self, model: str) -> bool:
         return any(model in b.models for b in self.backends)
@@ -137,9 +140,6 @@ class Gateway:
             r[("POST", path)] = handle_inference
         for method in ("GET", "HEAD"):
             r[(method, "/api/tags")] = fleet.fleet_tags
-            r[(method, "/healthz")] = _healthz
-            r[(method, "/readyz")] = _readyz
-            r[(method, "/corral/status")] = _status
         r[("GET", "/api/ps")] = fleet.fleet_ps
         r[("GET", "/v1/models")] = fleet.fleet_v1_models
         r[("POST", "/api/show")] = fleet.proxy_by_model
@@ -150,10 +150,19 @@ class Gateway:
         r[("DELETE", "/api/delete")] = fleet.broadcast_simple
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        handler = self._routes.get((request.method, request.path))
+        path = request.path
+        own = _OWN_ROUTES.get((request.method, path))
+        if own is not None:
+            return await own(self, request)
+        client = self.identifier.identify(request)
+        if client is None:
+            return error_response(401, "unauthorized: a valid API key is required",
+                                  path.startswith("/v1/"),
+                                  {"WWW-Authenticate": 'Bearer realm="corral"'})
+        request["client"] = client
+        handler = self._routes.get((request.method, path))
         if handler is not None:
             return await handler(self, request)
-        path = request.path
         if path.startswith("/api/blobs/") and request.method == "POST":
             return await fleet.broadcast_stream(self, request)
         if path.startswith("/v1/models/") and request.method == "GET":
@@ -194,6 +203,16 @@ async def _readyz(gw: Gateway, request: web.Request) -> web.StreamResponse:
 
 async def _status(gw: Gateway, request: web.Request) -> web.StreamResponse:
     return web.Response(body=orjson.dumps(gw.status()), content_type="application/json")
+
+
+_CREDENTIALS = frozenset({"authorization", "x-api-key"})
+
+# Corral's own endpoints: answered before identification (probes need no key).
+_OWN_ROUTES: dict[tuple[str, str], Handler] = {
+    (m, p): h
+    for m in ("GET", "HEAD")
+    for p, h in (("/healthz", _healthz), ("/readyz", _readyz), ("/corral/status", _status))
+}
 
 
 def build_app(settings: Settings) -> web.Application:

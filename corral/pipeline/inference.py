@@ -19,6 +19,7 @@ from corral.backends.backend import normalize_model
 from corral.pipeline.account import usage_from_tail
 from corral.pipeline.errors import error_response, not_found_model
 from corral.pipeline.forward import RelayResult, UpstreamFailure, open_upstream, relay
+from corral.pipeline.identify import Client
 from corral.scheduler.queues import Job
 from corral.scheduler.slots import SchedulingError
 
@@ -86,8 +87,10 @@ async def handle_inference(gw: Gateway, request: web.Request) -> web.StreamRespo
     path = request.path
     openai = path.startswith("/v1/")
     started = time.monotonic()
+    client: Client = request["client"]
     rec: dict[str, Any] = {
-        "time": time.time(), "client": gw.client_ip(request), "method": request.method,
+        "time": time.time(), "client": client.ip, "client_name": client.key_name,
+        "tier": client.tier, "method": request.method,
         "path": path, "model": None, "backend": None, "status": 0, "queue_wait_ms": 0.0,
         "ttfb_ms": None, "duration_ms": 0.0, "bytes": 0, "retries": 0,
     }
@@ -125,7 +128,10 @@ async def _serve(gw: Gateway, request: web.Request, path: str, openai: bool, sta
             rec["status"] = 404
             return error_response(404, not_found_model(path, model), openai)
 
-    job = Job(model=name, client=rec["client"], cost=estimate_cost(path, data, len(body)))
+    client: Client = request["client"]
+    priority, weight = gw.tiers[client.tier]
+    cost = 1.0 if gw.queue.fairness == "requests" else estimate_cost(path, data, len(body))
+    job = Job(model=name, client=client.name, priority=priority, weight=weight, cost=cost)
     headers = gw.upstream_headers(request)
     path_qs = request.path_qs
     last_failure: UpstreamFailure | None = None
@@ -197,5 +203,6 @@ async def _stream(gw: Gateway, request: web.Request, job: Job, backend: Any,
             usage = usage_from_tail(result.tail, openai, result.chunks)
             if usage is not None:
                 rec["tokens_in"], rec["tokens_out"] = usage.tokens_in, usage.tokens_out
-                gw.scheduler.queue.charge(job, usage.service - job.cost)
+                if gw.queue.fairness == "tokens":
+                    gw.queue.charge(job, usage.service - job.cost)
     return resp
