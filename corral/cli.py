@@ -93,6 +93,25 @@ def check(config: Path, quiet: bool) -> None:
     click.echo(f"corral: the configuration file {config} is valid", err=True)
 
 
+@main.group()
+def keys() -> None:
+    """API key helpers."""
+
+
+@keys.command("hash")
+@click.argument("key", required=False)
+def keys_hash(key: str | None) -> None:
+    """Print the key_sha256 form of KEY (read from stdin when not given), so the
+    configuration need not hold the key itself."""
+    from corral.pipeline.identify import hash_key
+
+    if key is None:
+        key = sys.stdin.readline().rstrip("\n")
+    if not key:
+        raise click.UsageError("an empty key cannot be hashed")
+    click.echo(hash_key(key))
+
+
 def _register_optional() -> None:
     # Sub-commands living in their own packages (each owns its options).
     from corral.demo import demo_command
