@@ -1,0 +1,1 @@
+"""Stand-in Ollama server for tests, demos and benchmarks (see ``server.py``)."""
