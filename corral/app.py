@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 
 from corral import __version__
 from corral.backends.backend import Backend
+from corral.backends.breaker import Breaker
 from corral.backends.health import HealthMonitor
 from corral.config import Settings
 from corral.observe.accesslog import AccessLog
@@ -44,7 +45,9 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.backends = [Backend.from_config(b) for b in settings.backends]
+        h = settings.health
+        self.backends = [Backend.from_config(b, Breaker(h.max_fails, h.fail_timeout))
+                         for b in settings.backends]
         self.router = Router(settings.routing.strategy, settings.routing.prefer_loaded)
         self.queue = JobQueue(settings.queue.fairness)
         self.scheduler = Scheduler(self.backends, self.router, self.queue,
@@ -114,20 +117,18 @@ class Gateway:
         return pool[self._rr % len(pool)]
 
     def note_failure(self, backend: Backend, kind: str) -> None:
-        """Passive health (nginx max_fails/fail_timeout): enough failures within
-        ``fail_timeout`` take the backend out for ``fail_timeout``."""
-        h = self.settings.health
-        if h.max_fails == 0:
+        """Passive health: ``max_fails`` failures within ``fail_timeout`` take the
+        backend out for ``fail_timeout``, then one trial request decides. A fleet of
+        one backend is never taken out this way (as nginx): there is nowhere else to
+        send the work, and the active probes still see a dead backend."""
+        if len(self.backends) == 1:
             return
-        backend.fails += 1
-        log.warning("backend %s failed a request (%s), %d/%d", backend.name, kind,
-                    backend.fails, h.max_fails)
-        if backend.fails >= h.max_fails:
-            backend.failed_until = time.monotonic() + h.fail_timeout
-            backend.fails = 0
+        if backend.breaker.on_failure(time.monotonic()):
+            log.warning("backend %s taken out for %gs after failed requests (last: %s)",
+                        backend.name, backend.breaker.fail_timeout, kind)
 
     def note_success(self, backend: Backend, model: str) -> None:
-        backend.fails = 0
+        backend.breaker.on_success()
         if model not in backend.loaded:
             # It ran, so it is resident now: prefer this backend before the next probe.
             backend.loaded = backend.loaded | {model}

@@ -6,8 +6,9 @@ synchronously, so a decision never awaits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from corral.backends.breaker import Breaker
 from corral.config import BackendConfig
 
 
@@ -33,21 +34,20 @@ class Backend:
     models: frozenset[str] = frozenset()
     loaded: frozenset[str] = frozenset()
     draining: bool = False
-    # Passive health (nginx max_fails/fail_timeout): failures counted on real requests.
-    fails: int = 0
-    failed_until: float = 0.0
+    # Passive health (max_fails/fail_timeout): failures counted on real requests.
+    breaker: Breaker = field(default_factory=Breaker)
 
     @classmethod
-    def from_config(cls, cfg: BackendConfig) -> Backend:
+    def from_config(cls, cfg: BackendConfig, breaker: Breaker | None = None) -> Backend:
         return cls(name=cfg.name, url=cfg.url, max_concurrency=cfg.max_concurrency,
-                   weight=cfg.weight)
+                   weight=cfg.weight, breaker=breaker or Breaker())
 
     @property
     def free_slots(self) -> int:
         return self.max_concurrency - self.in_flight
 
     def routable(self, now: float) -> bool:
-        return self.up and not self.draining and now >= self.failed_until
+        return self.up and not self.draining and self.breaker.available(now)
 
     def has_model(self, model: str) -> bool:
         return model in self.models

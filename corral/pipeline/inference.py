@@ -163,19 +163,26 @@ async def _serve(gw: Gateway, request: web.Request, path: str, openai: bool, sta
                 continue
             rec["status"], rec["error"] = failure.status, str(failure)
             return error_response(failure.status, str(failure), openai)
-        if upstream.status in gw.retry_on_status and attempt + 1 < gw.settings.retry.tries:
-            # A retryable status (e.g. 500 out of memory) before anything reached the
-            # client: drop it and try another backend, keeping the job's place.
-            upstream.close()
+        except BaseException:
+            # The client left while we waited for the header: the slot is not ours.
             gw.scheduler.release(backend)
-            gw.note_failure(backend, str(upstream.status))
-            last_failure = UpstreamFailure("status", f"backend {backend.name} answered "
-                                           f"{upstream.status}", upstream.status)
-            attempt += 1
-            rec["retries"] = attempt
-            job.exclude |= {backend.name}
-            continue
-        break
+            backend.breaker.on_abandon()
+            raise
+        if upstream.status not in gw.retry_on_status:
+            gw.note_success(backend, job.model)
+            break
+        gw.note_failure(backend, str(upstream.status))
+        if attempt + 1 >= gw.settings.retry.tries:
+            break       # out of tries: the client gets the backend's own answer
+        # A retryable status (e.g. 500 out of memory) before anything reached the
+        # client: drop it and try another backend, keeping the job's place.
+        upstream.close()
+        gw.scheduler.release(backend)
+        last_failure = UpstreamFailure("status", f"backend {backend.name} answered "
+                                       f"{upstream.status}", upstream.status)
+        attempt += 1
+        rec["retries"] = attempt
+        job.exclude |= {backend.name}
     return await _stream(gw, request, job, backend, upstream, openai, rec)
 
 
@@ -198,8 +205,8 @@ async def _stream(gw: Gateway, request: web.Request, job: Job, backend: Any,
             rec["ttfb_ms"] = round(result.ttfb * 1000, 3)
         if result.error:
             rec["error"] = result.error
+            gw.note_failure(backend, "mid-stream")
         if upstream.status < 300:
-            gw.note_success(backend, job.model)
             usage = usage_from_tail(result.tail, openai, result.chunks)
             if usage is not None:
                 rec["tokens_in"], rec["tokens_out"] = usage.tokens_in, usage.tokens_out

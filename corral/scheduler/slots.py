@@ -113,6 +113,7 @@ class Scheduler:
 
     def _take(self, job: Job, backend: Backend) -> None:
         backend.in_flight += 1
+        backend.breaker.on_dispatch(self.clock())
         self.queue.charge(job, job.cost)
         self.dispatched += 1
 
@@ -151,5 +152,5 @@ class Scheduler:
 
 
 def _retry_after(backends: Sequence[Backend], now: float) -> int:
-    waits = [b.failed_until - now for b in backends if b.failed_until > now]
+    waits = [b.breaker.retry_after(now) for b in backends if b.breaker.retry_after(now) > 0]
     return max(1, int(min(waits)) + 1) if waits else 5

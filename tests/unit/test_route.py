@@ -51,7 +51,8 @@ def test_least_conn_relative_to_slots_and_round_robin_ties() -> None:
 def test_excluded_and_failed_backends_are_skipped() -> None:
     r = Router()
     a, b = _b("a"), _b("b")
-    b.failed_until = 10.0
+    b.breaker.max_fails, b.breaker.fail_timeout = 1, 10.0
+    b.breaker.on_failure(0.0)
     assert r.choose([a, b], "m:latest", now=5, exclude=frozenset({"a"})) is None
     assert r.choose([a, b], "m:latest", now=11, exclude=frozenset({"a"})) is b
 
