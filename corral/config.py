@@ -192,6 +192,9 @@ class TierConfig(_Model):
 
 class LimitRule(_Model):
     name: str = Field(min_length=1)
+    # Rules naming the same zone share its state (nginx: several limit_req lines on
+    # one zone, e.g. the same per-IP zone with a different burst per location).
+    zone: str | None = None
     paths: tuple[str, ...] = ()
     methods: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
@@ -218,6 +221,16 @@ class LimitRule(_Model):
     @classmethod
     def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(m.upper() for m in value)
+
+    @property
+    def kind(self) -> str:
+        if self.rate is not None:
+            return "rate"
+        return "concurrency" if self.max_concurrent is not None else "tokens"
+
+    @property
+    def zone_name(self) -> str:
+        return self.zone or self.name
 
     @model_validator(mode="after")
     def _kind(self) -> LimitRule:
@@ -321,10 +334,17 @@ class Settings(_Model):
         dup = {n for n in rule_names if rule_names.count(n) > 1}
         if dup:
             raise ValueError(f"limits: duplicate rule name(s) {sorted(dup)}")
+        zones: dict[str, LimitRule] = {}
         for rule in self.limits.rules:
             unknown = [t for t in rule.tiers if t not in self.tiers]
             if unknown:
                 raise ValueError(f"limits: rule {rule.name!r} names unknown tier(s) {unknown}")
+            first = zones.setdefault(rule.zone or rule.name, rule)
+            if first is not rule and (rule.kind != first.kind or rule.rate != first.rate
+                                      or rule.key != first.key):
+                raise ValueError(
+                    f"limits: rules {first.name!r} and {rule.name!r} share zone "
+                    f"{rule.zone!r} but differ in kind, rate or key (those belong to the zone)")
         return self
 
     @property

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from corral.backends.backend import normalize_model
 from corral.pipeline.account import usage_from_tail
+from corral.pipeline.admit import Verdict
 from corral.pipeline.errors import error_response, not_found_model
 from corral.pipeline.forward import RelayResult, UpstreamFailure, open_upstream, relay
 from corral.pipeline.identify import Client
@@ -102,7 +103,12 @@ async def handle_inference(gw: Gateway, request: web.Request) -> web.StreamRespo
         raise
     finally:
         rec["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
+        verdict: Verdict | None = request.get("verdict")
+        if verdict is not None:
+            await gw.admission.finish(
+                verdict, rec.get("tokens_in", 0) + rec.get("tokens_out", 0))
         gw.access_log.write(rec)
+        gw.metrics.observe_request(rec, gw.tiers[client.tier][0])
 
 
 async def _serve(gw: Gateway, request: web.Request, path: str, openai: bool, started: float,
@@ -115,6 +121,19 @@ async def _serve(gw: Gateway, request: web.Request, path: str, openai: bool, sta
         return error_response(exc.status, str(exc), openai)
     rec["model"] = model
     name = normalize_model(model)
+    client: Client = request["client"]
+    if gw.admission.enabled:
+        verdict = await gw.admission.admit(request, client, name, openai)
+        request["verdict"] = verdict
+        if verdict.response is not None:
+            rec["status"], rec["rule"], rec["limit"] = (verdict.response.status, verdict.rule,
+                                                        verdict.outcome)
+            return verdict.response
+        if verdict.delay_ms:
+            # nginx's delay: the request is already counted and waits here, holding no
+            # backend slot; a client that leaves meanwhile is simply gone.
+            rec["limit"] = "delayed"
+            await asyncio.sleep(verdict.delay_ms / 1000)
     if not gw.up_backends():
         # Nothing answers at all: say so plainly rather than guess a 404.
         rec["status"], rec["error"] = 503, "no backend is reachable"
@@ -128,7 +147,6 @@ async def _serve(gw: Gateway, request: web.Request, path: str, openai: bool, sta
             rec["status"] = 404
             return error_response(404, not_found_model(path, model), openai)
 
-    client: Client = request["client"]
     priority, weight = gw.tiers[client.tier]
     cost = 1.0 if gw.queue.fairness == "requests" else estimate_cost(path, data, len(body))
     job = Job(model=name, client=client.name, priority=priority, weight=weight, cost=cost)
@@ -160,6 +178,7 @@ async def _serve(gw: Gateway, request: web.Request, path: str, openai: bool, sta
             if attempt < gw.settings.retry.tries and failure.kind in gw.retry_on:
                 job.exclude |= {backend.name}
                 rec["retries"] = attempt
+                gw.metrics.retry(backend.name)
                 continue
             rec["status"], rec["error"] = failure.status, str(failure)
             return error_response(failure.status, str(failure), openai)
@@ -182,6 +201,7 @@ async def _serve(gw: Gateway, request: web.Request, path: str, openai: bool, sta
                                        f"{upstream.status}", upstream.status)
         attempt += 1
         rec["retries"] = attempt
+        gw.metrics.retry(backend.name)
         job.exclude |= {backend.name}
     return await _stream(gw, request, job, backend, upstream, openai, rec)
 
@@ -193,7 +213,9 @@ async def _stream(gw: Gateway, request: web.Request, job: Job, backend: Any,
     rec["status"] = upstream.status
     sse = upstream.content_type == "text/event-stream"
     try:
-        resp = await relay(request, upstream, result, sse)
+        verdict: Verdict | None = request.get("verdict")
+        resp = await relay(request, upstream, result, sse,
+                           verdict.headers if verdict is not None else None)
     finally:
         if result.completed:
             upstream.release()
