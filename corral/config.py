@@ -381,21 +381,42 @@ def _loc_to_path(loc: tuple[int | str, ...]) -> tuple[Any, ...]:
     return tuple(loc)
 
 
+def _named(path: tuple[Any, ...], data: Any) -> str:
+    """Dotted key path, with list items shown by their ``name`` when they have one:
+    ``limits[generate-per-ip].rate`` says more than ``limits.0.rate``."""
+    parts: list[str] = []
+    node = data
+    for p in path:
+        if isinstance(p, int) and isinstance(node, list) and p < len(node):
+            node = node[p]
+            name = node.get("name") if isinstance(node, dict) else None
+            parts.append(f"[{name}]" if isinstance(name, str) else f".{p}")
+            continue
+        node = node.get(p) if isinstance(node, dict) else None
+        parts.append(f".{p}")
+    return "".join(parts).lstrip(".") or "(top level)"
+
+
 def _format_errors(exc: ValidationError, source: str,
-                   lines: dict[tuple[Any, ...], int]) -> list[str]:
+                   lines: dict[tuple[Any, ...], int], data: Any) -> list[str]:
     out = []
     for err in exc.errors():
         loc = _loc_to_path(tuple(err["loc"]))
         # pydantic adds the validator's type to the loc of union members; keep real keys.
         key_path = tuple(p for p in loc if isinstance(p, int) or p in _known_path_words(loc))
+        message = err["msg"].removeprefix("Value error, ")
+        if not key_path:
+            # Cross-field checks name their key first ("limits: ..."): point there.
+            head = tuple(message.split(":", 1)[0].split("."))
+            if head in lines:
+                key_path, message = head, message.split(":", 1)[1].strip()
         line = None
         probe = key_path
         while probe and line is None:
             line = lines.get(probe)
             probe = probe[:-1]
         where = f"{source}:{line}" if line else source
-        dotted = ".".join(str(p) for p in key_path) or "(top level)"
-        message = err["msg"].removeprefix("Value error, ")
+        dotted = _named(key_path, data)
         if err["type"] == "extra_forbidden":
             message = "unknown key"
         out.append(f"{where}: {dotted}: {message}")
@@ -425,7 +446,7 @@ def load_settings_text(text: str, source: str = "<config>") -> Settings:
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source, lines)) from None
+        raise ConfigError(_format_errors(exc, source, lines, data)) from None
 
 
 def load_settings(path: str | Path | None) -> Settings:

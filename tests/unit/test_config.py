@@ -37,7 +37,7 @@ def test_errors_name_file_line_and_key() -> None:
     errors = info.value.errors
     assert "corral.yaml:4: backends.0.max_concurency: unknown key" in errors
     assert any(e.startswith("corral.yaml:6: timeouts.read: invalid duration") for e in errors)
-    assert any(e.startswith("corral.yaml:9: limits.0.rate: invalid rate") for e in errors)
+    assert any(e.startswith("corral.yaml:9: limits[gen].rate: invalid rate") for e in errors)
 
 
 @pytest.mark.parametrize("bad", [
