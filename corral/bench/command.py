@@ -1,0 +1,290 @@
+"""``corral bench``: benchmarks run against real processes on this machine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Coroutine
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from corral.bench import harness, overhead
+
+_DEFAULTS = overhead.Options()
+_T = TypeVar("_T")
+
+
+def _run(main: Coroutine[Any, Any, _T]) -> _T:
+    # uvloop for the load generator: its per-request cost is part of what the
+    # benchmark must keep small (the generator shares the cores with the targets).
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        runner = asyncio.Runner()
+    with runner:
+        return runner.run(_cancel_on_sigterm(main))
+
+
+async def _cancel_on_sigterm(main: Coroutine[Any, Any, _T]) -> _T:
+    # SIGTERM would otherwise end this process at once and leave the stand-ins, Corral
+    # and nginx running (they are in their own sessions); cancelling the task runs the
+    # harness's clean-up instead. ^C (SIGINT) already cancels it through the Runner.
+    task = asyncio.ensure_future(main)
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await task
+    finally:
+        with contextlib.suppress(NotImplementedError):
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _nginx_version() -> str | None:
+    binary = harness.nginx_binary()
+    if binary is None:
+        return None
+    out = subprocess.run([binary, "-v"], capture_output=True, text=True, check=False)
+    return (out.stderr or out.stdout).strip().removeprefix("nginx version: ") or None
+
+
+def machine_info() -> dict[str, Any]:
+    """What a reader needs to compare two result files."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        usable = os.cpu_count() or 0
+    mem_total = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_total = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cores_usable": usable,
+        "cpu_model": _cpu_model(),
+        "memory_gib": mem_total,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "corral": _version("corral"),
+        "aiohttp": _version("aiohttp"),
+        "uvloop": _version("uvloop"),
+        "nginx": _nginx_version(),
+    }
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _verdict(passed: bool | None) -> str:
+    return {True: "[green]PASS[/]", False: "[red]MISS[/]", None: "[dim]n/a[/]"}[passed]
+
+
+def render(console: Console, result: dict[str, Any]) -> None:
+    lat, tput, streams = result["latency"], result["throughput"], result["streams"]
+    opts = result["options"]
+
+    t = Table(title=f"Sequential latency, {opts['requests']} requests × {opts['rounds']} "
+                    "round(s), one keep-alive connection (ms, median of rounds)")
+    for col in ("target", "p50", "p99", "mean", "added p50", "errors"):
+        t.add_column(col, justify="right" if col != "target" else "left")
+    for name, row in lat.items():
+        t.add_row(name, _fmt(row["p50_ms"]), _fmt(row["p99_ms"]), _fmt(row["mean_ms"]),
+                  _fmt(row["added_p50_ms"]), str(row["errors"]))
+    console.print(t)
+
+    t = Table(title=f"Throughput, {opts['concurrency']} in flight, {opts['duration']:g}s "
+                    f"× {opts['rounds']} round(s) (median of rounds)")
+    for col in ("target", "req/s", "p50 ms", "p99 ms", "errors",
+                "CPU %: target/stand-in/load gen/others"):
+        t.add_column(col, justify="right" if col != "target" else "left")
+    for name, row in tput.items():
+        cpu = row["cpu_percent"]
+        own = cpu.get(name if name != "direct" else "standin", float("nan"))
+        # Direct, the target is the stand-in: its column stays empty, not counted twice.
+        standin = "–" if name == "direct" else f"{cpu.get('standin', float('nan')):.0f}"
+        parts = [f"{own:.0f}", standin, f"{cpu['load generator']:.0f}",
+                 f"{cpu.get('others', float('nan')):.0f}"]
+        t.add_row(name, f"{row['rps']:.0f}", _fmt(row["p50_ms"]), _fmt(row["p99_ms"]),
+                  str(row["errors"]), " / ".join(parts))
+    console.print(t)
+
+    t = Table(title=f"{opts['streams']} concurrent streams, {opts['stream_tokens']} tokens "
+                    f"at {opts['stream_tps']:g} tokens/s each (TTFT in ms)")
+    for col in ("target", "done", "TTFT p50", "TTFT p99", "slowest s", "RSS MB before/peak",
+                "failures"):
+        t.add_column(col, justify="right" if col != "target" else "left")
+    for name, row in streams.items():
+        t.add_row(name, f"{row['completed']}/{row['streams']}", _fmt(row["ttft_p50_ms"], 1),
+                  _fmt(row["ttft_p99_ms"], 1), _fmt(row["duration_max_ms"] / 1000, 2),
+                  f"{_fmt(row['rss_before_mb'], 0)} / {_fmt(row['peak_rss_mb'], 0)}",
+                  ", ".join(f"{k}: {v}" for k, v in row["failures"].items()) or "–")
+    console.print(t)
+
+    others = max((row["cpu_percent"].get("others", 0.0) for row in tput.values()), default=0.0)
+    if others > 20:
+        console.print(f"[yellow]other processes used up to {others:.0f}% of a core during "
+                      "the throughput leg: the figures are noisy, rerun on a quiet machine[/]")
+
+    v = result["verdicts"]
+    t = Table(title="Targets")
+    for col in ("target", "measured", "goal", "verdict"):
+        t.add_column(col)
+    al = v["added_latency"]
+    measured = (f"Corral +{_fmt(al['corral_added_p50_ms'])} ms vs nginx "
+                f"+{_fmt(al['nginx_added_p50_ms'])} ms (×{_fmt(al['ratio'], 2)})"
+                if al["pass"] is not None else al["why"])
+    t.add_row("added p50 latency", measured, al.get("target", "<= 2x nginx"),
+              _verdict(al["pass"]))
+    tp = v["throughput"]
+    measured = (f"{tp['corral_rps']:.0f} vs {tp['nginx_rps']:.0f} req/s "
+                f"(×{_fmt(tp['ratio'], 2)})" if tp["pass"] is not None else tp["why"])
+    t.add_row("throughput", measured, tp.get("target", ">= 0.8x nginx"), _verdict(tp["pass"]))
+    st = v["streams"]
+    t.add_row("streams", f"{st['completed']}/{st['streams']} complete, peak RSS "
+              f"{_fmt(st['peak_rss_mb'], 1)} MB", st["target"], _verdict(st["pass"]))
+    console.print(t)
+    m = result["machine"]
+    nginx_note = ""
+    if "nginx" in lat:
+        nginx_note = (f", nginx {m['nginx']}; Corral is one process, nginx ran with "
+                      "worker_processes 1"
+                      + (" (and auto as nginx-auto)" if "nginx-auto" in lat else ""))
+    console.print(f"[dim]{m['cores']} cores ({m['cpu_model']}), Python {m['python']}, "
+                  f"aiohttp {m['aiohttp']}, uvloop {m['uvloop']}{nginx_note}[/]",
+                  highlight=False)
+
+
+def _default_output() -> Path:
+    base = Path("benchmarks/results") / f"overhead-{dt.date.today().isoformat()}.json"
+    path, n = base, 2
+    # Several runs on one day are all kept: a later run never overwrites an earlier one.
+    while path.exists():
+        path = base.with_name(f"{base.stem}-{n}.json")
+        n += 1
+    return path
+
+
+@click.group()
+def bench_command() -> None:
+    """Benchmarks against real processes on this machine."""
+
+
+@bench_command.command("overhead")
+@click.option("--requests", type=click.IntRange(min=1), default=None,
+              help=f"Sequential requests per target per round [default: {_DEFAULTS.requests}].")
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              help=f"Repetitions of the latency and throughput legs; medians are reported "
+                   f"[default: {_DEFAULTS.rounds}].")
+@click.option("--duration", type=click.FloatRange(min=0.1), default=None,
+              help=f"Measured seconds per throughput run [default: {_DEFAULTS.duration:g}].")
+@click.option("--concurrency", type=click.IntRange(min=1), default=None,
+              help=f"Requests in flight in the throughput leg [default: "
+                   f"{_DEFAULTS.concurrency}].")
+@click.option("--streams", type=click.IntRange(min=1, max=4096), default=None,
+              help=f"Concurrent slow streams [default: {_DEFAULTS.streams}].")
+@click.option("--stream-tokens", type=click.IntRange(min=1), default=None,
+              help=f"Tokens per stream [default: {_DEFAULTS.stream_tokens}].")
+@click.option("--stream-tps", type=click.FloatRange(min=0.1), default=None,
+              help=f"Tokens per second of each stream [default: {_DEFAULTS.stream_tps:g}].")
+@click.option("--no-nginx", is_flag=True, help="Skip the nginx targets.")
+@click.option("--nginx-auto/--no-nginx-auto", default=None,
+              help="Also measure nginx with worker_processes auto [default: on, off with "
+                   "--quick].")
+@click.option("--quick", is_flag=True,
+              help="A fast smoke run: fewer requests, one round, 200 streams.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Where to write the JSON result [default: "
+                   "benchmarks/results/overhead-<date>.json].")
+def overhead_command(
+    requests: int | None, rounds: int | None, duration: float | None,
+    concurrency: int | None, streams: int | None, stream_tokens: int | None,
+    stream_tps: float | None, no_nginx: bool, nginx_auto: bool | None, quick: bool,
+    output: Path | None,
+) -> None:
+    """Corral's cost: the same requests direct, through Corral and through nginx.
+
+    Sequential p50/p99 latency, throughput at a fixed number in flight, and many
+    concurrent slow streams (completion, time to first token, Corral's peak RSS),
+    judged against: added p50 ≤ 2× nginx's, throughput ≥ 0.8× nginx's, all streams
+    complete with peak RSS ≤ 150 MB.
+    """
+    console = Console(stderr=False)
+    overrides: dict[str, Any] = {
+        k: v for k, v in {
+            "requests": requests, "rounds": rounds, "duration": duration,
+            "concurrency": concurrency, "streams": streams, "stream_tokens": stream_tokens,
+            "stream_tps": stream_tps, "nginx_auto": nginx_auto,
+        }.items() if v is not None
+    }
+    use_nginx = not no_nginx
+    if use_nginx and harness.nginx_binary() is None:
+        console.print("[yellow]nginx is not installed: the nginx leg is skipped and the "
+                      "ratios against it are not judged[/]")
+        use_nginx = False
+    overrides["nginx"] = use_nginx
+    opts = (overhead.Options.quick(**overrides) if quick
+            else overhead.Options(**overrides))
+
+    def progress(message: str) -> None:
+        console.print(f"[dim]· {message}[/]")
+
+    with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
+        try:
+            result = _run(overhead.run(opts, Path(tmp), progress))
+        except asyncio.CancelledError:
+            console.print("[yellow]benchmark stopped; every process it started was stopped[/]")
+            sys.exit(130)
+        except harness.TargetError as exc:
+            console.print("[red]benchmark aborted:[/]")
+            # The message carries a process's log tail: print it verbatim, not as markup.
+            console.print(str(exc), markup=False, highlight=False)
+            sys.exit(1)
+    result = {"benchmark": "overhead",
+              "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+              "machine": machine_info(), **result}
+    render(console, result)
+    path = output or _default_output()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
+                                  | orjson.OPT_NON_STR_KEYS)
+                     + b"\n")
+    console.print(f"results written to {path}")
