@@ -24,8 +24,14 @@ from corral.backends.backend import Backend
 from corral.backends.breaker import Breaker
 from corral.backends.health import HealthMonitor
 from corral.config import Settings
+from corral.limits.storage.base import LimitStore
+from corral.limits.storage.memory import MemoryLimitStore
+from corral.limits.storage.redis import RedisLimitStore
 from corral.observe.accesslog import AccessLog
+from corral.observe.metrics import Metrics
+from corral.observe.status import Activity, build_status
 from corral.pipeline import fleet
+from corral.pipeline.admit import Admission, Verdict
 from corral.pipeline.errors import error_response
 from corral.pipeline.forward import Timeouts, request_headers
 from corral.pipeline.identify import Client, Identifier
@@ -33,6 +39,7 @@ from corral.pipeline.inference import INFERENCE_PATHS, handle_inference
 from corral.pipeline.route import Router
 from corral.scheduler.queues import JobQueue, Priority
 from corral.scheduler.slots import Scheduler
+from corral.web.routes import observe_routes
 
 log = logging.getLogger("corral")
 
@@ -58,15 +65,20 @@ class Gateway:
         self.retry_on = frozenset(str(x) for x in settings.retry.on)
         self.retry_on_status = frozenset(x for x in settings.retry.on if isinstance(x, int))
         self.identifier = Identifier(settings)
+        self.admission = Admission(settings, _limit_store(settings))
         self.tiers = {name: (Priority.parse(t.priority), t.weight)
                       for name, t in settings.tiers.items()}
         self.access_log = AccessLog(settings.access_log)
+        self.activity = Activity()
+        self.metrics = Metrics(self, self.activity)
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in start
         self.health: HealthMonitor = None  # type: ignore[assignment]
         self.started = time.time()
         self._rr = 0
         self._routes: dict[tuple[str, str], Handler] = {}
         self._install_routes()
+        # Per instance: the metrics path comes from the settings.
+        self._own_routes = {**_OWN_ROUTES, **observe_routes(settings.metrics.path)}
 
     # -- lifespan -------------------------------------------------------------------
 
@@ -84,8 +96,11 @@ class Gateway:
                 await self.health.probe_all()
         self.health.start()
         self.access_log.start()
+        self.admission.start()
+        self.activity.start(self)
 
     async def stop(self) -> None:
+        await self.activity.stop()
         await self.health.stop()
         await self.session.close()
         await self.access_log.close()
@@ -121,6 +136,7 @@ class Gateway:
         backend out for ``fail_timeout``, then one trial request decides. A fleet of
         one backend is never taken out this way (as nginx): there is nowhere else to
         send the work, and the active probes still see a dead backend."""
+        self.metrics.upstream_error(backend.name, kind)
         if len(self.backends) == 1:
             return
         if backend.breaker.on_failure(time.monotonic()):
@@ -152,7 +168,7 @@ class Gateway:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
-        own = _OWN_ROUTES.get((request.method, path))
+        own = self._own_routes.get((request.method, path))
         if own is not None:
             return await own(self, request)
         client = self.identifier.identify(request)
@@ -162,13 +178,27 @@ class Gateway:
                                   {"WWW-Authenticate": 'Bearer realm="corral"'})
         request["client"] = client
         handler = self._routes.get((request.method, path))
-        if handler is not None:
+        if handler is handle_inference:
+            return await handle_inference(self, request)    # admits once it knows the model
+        if handler is None:
+            if path.startswith("/api/blobs/") and request.method == "POST":
+                handler = fleet.broadcast_stream
+            elif path.startswith("/v1/models/") and request.method == "GET":
+                handler = fleet.proxy_v1_model
+            else:
+                handler = _proxy_any
+        if not self.admission.enabled:
             return await handler(self, request)
-        if path.startswith("/api/blobs/") and request.method == "POST":
-            return await fleet.broadcast_stream(self, request)
-        if path.startswith("/v1/models/") and request.method == "GET":
-            return await fleet.proxy_v1_model(self, request)
-        return await fleet.proxy_one(self, request, self.pick_any())
+        verdict = await self.admission.admit(request, client, None, path.startswith("/v1/"))
+        if verdict.response is not None:
+            self.access_log.write(_refusal_record(request, client, verdict))
+            return verdict.response
+        try:
+            if verdict.delay_ms:
+                await asyncio.sleep(verdict.delay_ms / 1000)
+            return await handler(self, request)
+        finally:
+            await self.admission.finish(verdict, 0)
 
     # -- status ---------------------------------------------------------------------
 
@@ -203,10 +233,28 @@ async def _readyz(gw: Gateway, request: web.Request) -> web.StreamResponse:
 
 
 async def _status(gw: Gateway, request: web.Request) -> web.StreamResponse:
-    return web.Response(body=orjson.dumps(gw.status()), content_type="application/json")
+    return web.Response(body=orjson.dumps(build_status(gw)), content_type="application/json")
 
 
 _CREDENTIALS = frozenset({"authorization", "x-api-key"})
+
+
+async def _proxy_any(gw: Gateway, request: web.Request) -> web.StreamResponse:
+    return await fleet.proxy_one(gw, request, gw.pick_any())
+
+
+def _refusal_record(request: web.Request, client: Client, verdict: Verdict) -> dict[str, Any]:
+    assert verdict.response is not None
+    return {"time": time.time(), "client": client.ip, "client_name": client.key_name,
+            "tier": client.tier, "method": request.method, "path": request.path,
+            "model": None, "backend": None, "status": verdict.response.status,
+            "rule": verdict.rule, "limit": verdict.outcome, "duration_ms": 0.0}
+
+
+def _limit_store(settings: Settings) -> LimitStore:
+    if settings.state == "memory":
+        return MemoryLimitStore()
+    return RedisLimitStore.from_url(settings.state)
 
 # Corral's own endpoints: answered before identification (probes need no key).
 _OWN_ROUTES: dict[tuple[str, str], Handler] = {

@@ -116,11 +116,14 @@ def _register_optional() -> None:
     # Sub-commands living in their own packages (each owns its options).
     from corral.bench.command import bench_command
     from corral.demo import demo_command
+    from corral.observe.commands import status_command, top_command
     from corral.simulate.command import simulate_command
 
     main.add_command(simulate_command, "simulate")
     main.add_command(demo_command, "demo")
     main.add_command(bench_command, "bench")
+    main.add_command(status_command, "status")
+    main.add_command(top_command, "top")
 
 
 _register_optional()

@@ -1,0 +1,67 @@
+"""``corral status`` rendering (pure: a status dict in, text out)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+from corral.observe.commands import backend_state, render_status, status_url
+
+STATUS: dict[str, Any] = {
+    "version": "0.1.0", "uptime_s": 42.0,
+    "backends": [
+        {"name": "gpu0", "url": "http://a", "up": True, "routable": True, "draining": False,
+         "slots": 2, "in_flight": 1, "models": ["llama3.2:latest", "mistral:7b"],
+         "loaded": ["llama3.2:latest"], "last_error": None, "ttfb_p50_ms_1m": 35.0,
+         "requests_1m": 12, "breaker": "closed"},
+        {"name": "gpu1", "url": "http://b", "up": False, "routable": False,
+         "draining": False, "slots": 1, "in_flight": 0, "models": [], "loaded": [],
+         "last_error": "connection refused", "ttfb_p50_ms_1m": None, "requests_1m": 0},
+    ],
+    "queue": {"depth": 3, "by_class": {"high": 1, "normal": 2, "low": 0}, "max_depth": 10},
+    "clients": [{"name": "alice", "tokens": 300, "requests": 2, "share": 0.75,
+                 "counter": 120.0}],
+    "rejections": [{"time": 1700000000.0, "client": "10.0.0.1", "rule": "per-ip",
+                    "path": "/api/generate", "status": 429, "error": "too many requests"}],
+    "totals": {"requests": 14},
+    "recent": {"ttfb_p50_ms": 35.0},
+    "series": {"requests_per_s": [1.0, 2.0, 3.0], "tokens_out_per_s": [10.0, 20.0, 30.0]},
+}
+
+
+def render(status: dict[str, Any]) -> str:
+    console = Console(width=160, record=True, color_system=None)
+    console.print(render_status(status))
+    return console.export_text()
+
+
+def test_status_shows_backends_queue_clients_and_rejections() -> None:
+    out = render(STATUS)
+    assert "2.0 req/s" in out and "waiting 3 (high 1, normal 2, low 0)" in out
+    assert "TTFB p50 35 ms" in out and "served 14" in out
+    gpu0 = next(line for line in out.splitlines() if "gpu0" in line)
+    assert "up" in gpu0 and "1/2" in gpu0 and "llama3.2:latest" in gpu0 and "35 ms" in gpu0
+    gpu1 = next(line for line in out.splitlines() if "gpu1" in line)
+    assert "down" in gpu1 and "connection refused" in gpu1
+    assert "alice" in out and "75.0 %" in out
+    assert "per-ip" in out and "/api/generate" in out and "429" in out
+
+
+def test_a_bare_status_renders() -> None:
+    out = render({"backends": []})
+    assert "Backends" in out and "Clients" not in out and "rejections" not in out
+
+
+def test_backend_states() -> None:
+    base = {"up": True, "routable": True, "draining": False}
+    assert backend_state(base)[0] == "up"
+    assert backend_state({**base, "up": False})[0] == "down"
+    assert backend_state({**base, "draining": True})[0] == "draining"
+    assert backend_state({**base, "routable": False, "breaker": "open"})[0] == "breaker open"
+
+
+def test_status_url() -> None:
+    assert status_url("http://gw:8080") == "http://gw:8080/corral/status"
+    assert status_url("http://gw:8080/") == "http://gw:8080/corral/status"
+    assert status_url("http://gw:8080/corral/status") == "http://gw:8080/corral/status"
