@@ -31,7 +31,7 @@ from corral.observe.accesslog import AccessLog
 from corral.observe.metrics import Metrics
 from corral.observe.status import Activity, build_status
 from corral.pipeline import fleet
-from corral.pipeline.admit import Admission, Verdict
+from corral.pipeline.admit import Admission
 from corral.pipeline.errors import error_response
 from corral.pipeline.forward import Timeouts, request_headers
 from corral.pipeline.identify import Client, Identifier
@@ -65,12 +65,12 @@ class Gateway:
         self.retry_on = frozenset(str(x) for x in settings.retry.on)
         self.retry_on_status = frozenset(x for x in settings.retry.on if isinstance(x, int))
         self.identifier = Identifier(settings)
-        self.admission = Admission(settings, _limit_store(settings))
         self.tiers = {name: (Priority.parse(t.priority), t.weight)
                       for name, t in settings.tiers.items()}
         self.access_log = AccessLog(settings.access_log)
         self.activity = Activity()
         self.metrics = Metrics(self, self.activity)
+        self.admission = Admission(settings, _limit_store(settings), self.metrics.limit_decision)
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in start
         self.health: HealthMonitor = None  # type: ignore[assignment]
         self.started = time.time()
@@ -173,6 +173,7 @@ class Gateway:
             return await own(self, request)
         client = self.identifier.identify(request)
         if client is None:
+            self._log_refusal(request, None, 401, "unauthorized")
             return error_response(401, "unauthorized: a valid API key is required",
                                   path.startswith("/v1/"),
                                   {"WWW-Authenticate": 'Bearer realm="corral"'})
@@ -191,7 +192,8 @@ class Gateway:
             return await handler(self, request)
         verdict = await self.admission.admit(request, client, None, path.startswith("/v1/"))
         if verdict.response is not None:
-            self.access_log.write(_refusal_record(request, client, verdict))
+            self._log_refusal(request, client, verdict.response.status, verdict.outcome,
+                              verdict.rule)
             return verdict.response
         try:
             if verdict.delay_ms:
@@ -199,6 +201,18 @@ class Gateway:
             return await handler(self, request)
         finally:
             await self.admission.finish(verdict, 0)
+
+    def _log_refusal(self, request: web.BaseRequest, client: Client | None, status: int,
+                     outcome: str, rule: str | None = None) -> None:
+        tier = client.tier if client is not None else self.settings.clients.default_tier
+        rec = {"time": time.time(),
+               "client": client.ip if client is not None else self.identifier.ip(request),
+               "client_name": client.key_name if client is not None else None,
+               "tier": tier, "method": request.method, "path": request.path,
+               "model": None, "backend": None, "status": status, "rule": rule,
+               "limit": outcome, "duration_ms": 0.0}
+        self.access_log.write(rec)
+        self.metrics.observe_request(rec, self.tiers[tier][0])
 
     # -- status ---------------------------------------------------------------------
 
@@ -241,14 +255,6 @@ _CREDENTIALS = frozenset({"authorization", "x-api-key"})
 
 async def _proxy_any(gw: Gateway, request: web.Request) -> web.StreamResponse:
     return await fleet.proxy_one(gw, request, gw.pick_any())
-
-
-def _refusal_record(request: web.Request, client: Client, verdict: Verdict) -> dict[str, Any]:
-    assert verdict.response is not None
-    return {"time": time.time(), "client": client.ip, "client_name": client.key_name,
-            "tier": client.tier, "method": request.method, "path": request.path,
-            "model": None, "backend": None, "status": verdict.response.status,
-            "rule": verdict.rule, "limit": verdict.outcome, "duration_ms": 0.0}
 
 
 def _limit_store(settings: Settings) -> LimitStore:

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -100,7 +100,8 @@ class Verdict:
 
 
 class Admission:
-    def __init__(self, settings: Settings, store: LimitStore) -> None:
+    def __init__(self, settings: Settings, store: LimitStore,
+                 on_decision: Callable[[str, str], None] | None = None) -> None:
         self.rules = [_Rule.compile(r) for r in settings.limits.rules]
         self.deny_on_store_error = settings.limits.on_store_error == "deny"
         self.store = store
@@ -108,7 +109,7 @@ class Admission:
         self._leases: set[ConnLease] = set()
         self._outage = False
         self._task: asyncio.Task[None] | None = None
-        self.decisions: dict[tuple[str, str], int] = {}   # (rule, outcome) → count
+        self.on_decision = on_decision
 
     # -- lifespan: limit_conn leases are refreshed in one background loop ------------
 
@@ -133,7 +134,8 @@ class Admission:
     # -- the request side ------------------------------------------------------------
 
     def _count(self, rule: str, outcome: str) -> None:
-        self.decisions[(rule, outcome)] = self.decisions.get((rule, outcome), 0) + 1
+        if self.on_decision is not None:
+            self.on_decision(rule, outcome)
 
     def _store_failed(self, exc: StoreError) -> bool:
         """Log once per outage; True when the request must be refused."""

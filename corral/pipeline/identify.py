@@ -103,6 +103,9 @@ class Identifier:
             self._keys[digest] = _KeyEntry(k.name, digest, k.tier or self.default_tier,
                                            k.admin)
 
+    def ip(self, request: web.BaseRequest) -> str:
+        return client_ip(request, self.proxies)
+
     def identify(self, request: web.BaseRequest) -> Client | None:
         """The client, or None when a key is required and none valid was given."""
         ip = client_ip(request, self.proxies)
