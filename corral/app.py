@@ -1,4 +1,4 @@
-"""``build_app(settings)``: wires the pipeline and owns the background tasks.
+"""``Gateway``: wires the pipeline and owns the background tasks; ``serve`` runs it.
 
 The request's path, in order: identify → (admit) → schedule → route → forward →
 account. ``Gateway.handle`` is the only entry point; it dispatches on the path with a
@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -43,8 +43,7 @@ from corral.web.routes import observe_routes
 
 log = logging.getLogger("corral")
 
-Handler = Callable[["Gateway", web.Request], Awaitable[web.StreamResponse]]
-GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
+Handler = Callable[["Gateway", web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 class Gateway:
@@ -107,7 +106,7 @@ class Gateway:
 
     # -- helpers the pipeline uses ------------------------------------------------
 
-    def upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
+    def upstream_headers(self, request: web.BaseRequest) -> CIMultiDict[str]:
         client: Client | None = request.get("client")
         # A Corral key is Corral's business: it is not passed on to the backends.
         strip = _CREDENTIALS if client is not None and client.key_matched else frozenset()
@@ -166,7 +165,7 @@ class Gateway:
         r[("POST", "/api/copy")] = fleet.broadcast_simple
         r[("DELETE", "/api/delete")] = fleet.broadcast_simple
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
         own = self._own_routes.get((request.method, path))
         if own is not None:
@@ -237,23 +236,23 @@ class Gateway:
         }
 
 
-async def _healthz(gw: Gateway, request: web.Request) -> web.StreamResponse:
+async def _healthz(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     return web.json_response({"status": "ok"})
 
 
-async def _readyz(gw: Gateway, request: web.Request) -> web.StreamResponse:
+async def _readyz(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     ready = bool(gw.up_backends())
     return web.json_response({"ready": ready}, status=200 if ready else 503)
 
 
-async def _status(gw: Gateway, request: web.Request) -> web.StreamResponse:
+async def _status(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     return web.Response(body=orjson.dumps(build_status(gw)), content_type="application/json")
 
 
 _CREDENTIALS = frozenset({"authorization", "x-api-key"})
 
 
-async def _proxy_any(gw: Gateway, request: web.Request) -> web.StreamResponse:
+async def _proxy_any(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     return await fleet.proxy_one(gw, request, gw.pick_any())
 
 
@@ -270,38 +269,34 @@ _OWN_ROUTES: dict[tuple[str, str], Handler] = {
 }
 
 
-def build_app(settings: Settings) -> web.Application:
-    gateway = Gateway(settings)
-    app = web.Application(client_max_size=settings.max_body_size, handler_args={})
-    app[GATEWAY_KEY] = gateway
-
-    async def lifespan(_: web.Application) -> AsyncIterator[None]:
-        await gateway.start()
-        yield
-        await gateway.stop()
-
-    app.cleanup_ctx.append(lifespan)
-
-    async def entry(request: web.Request) -> web.StreamResponse:
-        return await gateway.handle(request)
-
-    app.router.add_route("*", "/{tail:.*}", entry)
-    return app
-
-
 async def serve(settings: Settings, ready: Callable[[str], None] | None = None) -> None:
-    """Run until cancelled (the CLI cancels on SIGINT/SIGTERM)."""
-    app = build_app(settings)
+    """Run until cancelled (the CLI cancels on SIGINT/SIGTERM), then shut down
+    gracefully: stop accepting, let in-flight requests finish for up to
+    ``shutdown_grace``, then cancel what is left."""
+    gateway = Gateway(settings)
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    max_body = settings.max_body_size
+
+    def make_request(message: Any, payload: Any, protocol: Any, writer: Any,
+                     task: asyncio.Task[None]) -> web.BaseRequest:
+        return web.BaseRequest(message, payload, protocol, writer, task, loop,
+                               client_max_size=max_body)
+
+    # aiohttp's low-level server: Corral dispatches on the path itself, so the
+    # Application's router and middleware chain would only add cost per request.
     # handler_cancellation: a client that disconnects cancels its handler, so its
     # queue entry, slot and upstream request are released at once.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
+    server = web.Server(gateway.handle, request_factory=make_request,
+                        handler_cancellation=True, access_log=None)
     host, port = settings.listen_host_port
-    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
-    await site.start()
+    listener = await loop.create_server(server, host, port, backlog=4096, reuse_address=True)
     if ready is not None:
         ready(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}")
     try:
         await asyncio.Event().wait()
     finally:
-        await runner.cleanup()
+        listener.close()
+        server.pre_shutdown()
+        await server.shutdown(settings.shutdown_grace)
+        await gateway.stop()

@@ -245,7 +245,7 @@ class FleetCollector(Collector):
         return [info, up, routable, in_flight, slots, models, loaded, model_loaded, depth]
 
 
-async def metrics_handler(gw: Gateway, request: web.Request) -> web.StreamResponse:
+async def metrics_handler(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     body, content_type = gw.metrics.exposition(request.headers.get("Accept"))
     resp = web.Response(body=body, headers={"Content-Type": content_type,
                                             "Cache-Control": "no-store"})

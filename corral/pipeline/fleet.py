@@ -71,21 +71,21 @@ def merge_models(answers: Sequence[Any], order_key: str) -> list[dict[str, Any]]
     return sorted(best.values(), key=lambda m: str(m.get(order_key, "")), reverse=True)
 
 
-async def fleet_tags(gw: Gateway, request: web.Request) -> web.StreamResponse:
+async def fleet_tags(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     answers = await _gather(gw, "/api/tags")
     if not answers:
         return error_response(503, "no backend is available", headers={"Retry-After": "5"})
     return _json({"models": merge_models(answers, "modified_at")}, request.method == "HEAD")
 
 
-async def fleet_ps(gw: Gateway, request: web.Request) -> web.StreamResponse:
+async def fleet_ps(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     answers = await _gather(gw, "/api/ps")
     if not answers:
         return error_response(503, "no backend is available", headers={"Retry-After": "5"})
     return _json({"models": merge_models(answers, "expires_at")})
 
 
-async def fleet_v1_models(gw: Gateway, request: web.Request) -> web.StreamResponse:
+async def fleet_v1_models(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     answers = await _gather(gw, "/v1/models")
     if not answers:
         return error_response(503, "no backend is available", True, {"Retry-After": "5"})
@@ -98,7 +98,7 @@ async def fleet_v1_models(gw: Gateway, request: web.Request) -> web.StreamRespon
     return _json({"object": "list", "data": list(seen.values()) or None})
 
 
-async def proxy_one(gw: Gateway, request: web.Request, backend: Backend | None,
+async def proxy_one(gw: Gateway, request: web.BaseRequest, backend: Backend | None,
                     body: bytes | None = None) -> web.StreamResponse:
     """Relay one request to one backend, without a slot (cheap, non-inference calls)."""
     openai = request.path.startswith("/v1/")
@@ -127,7 +127,7 @@ async def proxy_one(gw: Gateway, request: web.Request, backend: Backend | None,
             upstream.close()
 
 
-async def proxy_by_model(gw: Gateway, request: web.Request) -> web.StreamResponse:
+async def proxy_by_model(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     """``/api/show``, ``/api/push``: to one up backend that has the model."""
     try:
         body = await read_body(request)
@@ -140,7 +140,7 @@ async def proxy_by_model(gw: Gateway, request: web.Request) -> web.StreamRespons
     return await proxy_one(gw, request, gw.pick_any(holders), body)
 
 
-async def proxy_v1_model(gw: Gateway, request: web.Request) -> web.StreamResponse:
+async def proxy_v1_model(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     model = request.path.removeprefix("/v1/models/")
     holders = gw.holders(normalize_model(model))
     if not holders:
@@ -148,7 +148,7 @@ async def proxy_v1_model(gw: Gateway, request: web.Request) -> web.StreamRespons
     return await proxy_one(gw, request, gw.pick_any(holders), b"")
 
 
-async def _send_all(gw: Gateway, request: web.Request, targets: Sequence[Backend],
+async def _send_all(gw: Gateway, request: web.BaseRequest, targets: Sequence[Backend],
                     body: bytes) -> list[tuple[Backend, int, bytes]]:
     async def one(b: Backend) -> tuple[Backend, int, bytes]:
         timeout = aiohttp.ClientTimeout(sock_connect=gw.timeouts.connect,
@@ -164,7 +164,7 @@ async def _send_all(gw: Gateway, request: web.Request, targets: Sequence[Backend
     return list(await asyncio.gather(*(one(b) for b in targets)))
 
 
-async def broadcast_simple(gw: Gateway, request: web.Request) -> web.StreamResponse:
+async def broadcast_simple(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     """``/api/copy``, ``/api/delete``: every backend that has the model; 200 with an
     empty body (as Ollama) when all succeed, else the first failure as it came."""
     try:
@@ -187,7 +187,7 @@ async def broadcast_simple(gw: Gateway, request: web.Request) -> web.StreamRespo
     return web.Response(status=200)
 
 
-async def broadcast_stream(gw: Gateway, request: web.Request) -> web.StreamResponse:
+async def broadcast_stream(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     """``/api/pull``, ``/api/create``, ``/api/blobs/*``: to every up backend."""
     try:
         body = await read_body(request)
@@ -224,7 +224,7 @@ def _error_text(payload: bytes) -> str:
         return payload.decode(errors="replace").strip() or "failed"
 
 
-async def _merge_progress(gw: Gateway, request: web.Request, targets: Sequence[Backend],
+async def _merge_progress(gw: Gateway, request: web.BaseRequest, targets: Sequence[Backend],
                           body: bytes) -> web.StreamResponse:
     lines: asyncio.Queue[tuple[Backend, bytes | None]] = asyncio.Queue()
     failures: dict[str, str] = {}

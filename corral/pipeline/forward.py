@@ -120,7 +120,7 @@ class RelayResult:
     started: float = field(default_factory=time.monotonic)
 
 
-async def relay(request: web.Request, upstream: aiohttp.ClientResponse, result: RelayResult,
+async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, result: RelayResult,
                 sse: bool, extra_headers: dict[str, str] | None = None) -> web.StreamResponse:
     """Stream ``upstream`` to the client as it arrives; keep a bounded tail for
     accounting. Mid-stream upstream failures end an NDJSON stream with an

@@ -43,7 +43,7 @@ class BadRequest(Exception):
         self.status = status
 
 
-async def read_body(request: web.Request) -> bytes:
+async def read_body(request: web.BaseRequest) -> bytes:
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -84,7 +84,7 @@ def estimate_cost(path: str, data: dict[str, Any], body_len: int) -> float:
     return float(tokens_in + 2 * out)
 
 
-async def handle_inference(gw: Gateway, request: web.Request) -> web.StreamResponse:
+async def handle_inference(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     path = request.path
     openai = path.startswith("/v1/")
     started = time.monotonic()
@@ -111,7 +111,7 @@ async def handle_inference(gw: Gateway, request: web.Request) -> web.StreamRespo
         gw.metrics.observe_request(rec, gw.tiers[client.tier][0])
 
 
-async def _serve(gw: Gateway, request: web.Request, path: str, openai: bool, started: float,
+async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool, started: float,
                  rec: dict[str, Any]) -> web.StreamResponse:
     try:
         body = await read_body(request)
@@ -206,7 +206,7 @@ async def _serve(gw: Gateway, request: web.Request, path: str, openai: bool, sta
     return await _stream(gw, request, job, backend, upstream, openai, rec)
 
 
-async def _stream(gw: Gateway, request: web.Request, job: Job, backend: Any,
+async def _stream(gw: Gateway, request: web.BaseRequest, job: Job, backend: Any,
                   upstream: aiohttp.ClientResponse, openai: bool,
                   rec: dict[str, Any]) -> web.StreamResponse:
     result = RelayResult()

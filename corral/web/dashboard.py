@@ -36,7 +36,7 @@ def _read(name: str) -> bytes:
     return (resources.files("corral.web") / "static" / name).read_bytes()
 
 
-async def dashboard_handler(gw: Gateway, request: web.Request) -> web.StreamResponse:
+async def dashboard_handler(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     name, content_type = _ASSETS[request.path]
     return web.Response(body=_read(name), content_type=content_type, charset="utf-8",
                         headers=_HEADERS)

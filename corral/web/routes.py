@@ -17,7 +17,7 @@ from corral.web.dashboard import asset_paths, dashboard_handler
 if TYPE_CHECKING:
     from corral.app import Gateway
 
-    Handler = Callable[[Gateway, web.Request], Awaitable[web.StreamResponse]]
+    Handler = Callable[[Gateway, web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 def observe_routes(metrics_path: str) -> dict[tuple[str, str], Handler]:
