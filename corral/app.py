@@ -37,6 +37,7 @@ from corral.pipeline.forward import Timeouts, request_headers
 from corral.pipeline.identify import Client, Identifier
 from corral.pipeline.inference import INFERENCE_PATHS, handle_inference
 from corral.pipeline.route import Router
+from corral.pipeline.upstream import Pools
 from corral.scheduler.queues import JobQueue, Priority
 from corral.scheduler.slots import Scheduler
 from corral.web.routes import observe_routes
@@ -72,6 +73,7 @@ class Gateway:
         self.admission = Admission(settings, _limit_store(settings), self.metrics.limit_decision)
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in start
         self.health: HealthMonitor = None  # type: ignore[assignment]
+        self.pools: Pools = None  # type: ignore[assignment]
         self.started = time.time()
         self._rr = 0
         self._routes: dict[tuple[str, str], Handler] = {}
@@ -88,6 +90,8 @@ class Gateway:
             connector=connector, auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )
+        self.pools = Pools(self.timeouts.connect or None)
+        self.pools.start()
         self.health = HealthMonitor(self.backends, self.session, self.settings.health,
                                     self.scheduler.dispatch)
         with contextlib.suppress(TimeoutError):
@@ -102,6 +106,7 @@ class Gateway:
         await self.activity.stop()
         await self.health.stop()
         await self.session.close()
+        await self.pools.close()
         await self.access_log.close()
 
     # -- helpers the pipeline uses ------------------------------------------------

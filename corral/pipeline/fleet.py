@@ -23,7 +23,13 @@ from aiohttp import web
 
 from corral.backends.backend import Backend, normalize_model
 from corral.pipeline.errors import error_response, not_found_model
-from corral.pipeline.forward import RelayResult, UpstreamFailure, open_upstream, relay
+from corral.pipeline.forward import (
+    AiohttpSource,
+    RelayResult,
+    UpstreamFailure,
+    open_upstream,
+    relay,
+)
 from corral.pipeline.inference import BadRequest, parse_request, read_body
 
 if TYPE_CHECKING:
@@ -118,7 +124,7 @@ async def proxy_one(gw: Gateway, request: web.BaseRequest, backend: Backend | No
         return error_response(failure.status, str(failure), openai)
     result = RelayResult()
     try:
-        return await relay(request, upstream, result,
+        return await relay(request, AiohttpSource(upstream), result,
                            upstream.content_type == "text/event-stream")
     finally:
         if result.completed:

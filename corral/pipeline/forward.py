@@ -11,17 +11,18 @@ Invariants kept here:
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 from corral.backends.backend import Backend
 from corral.pipeline.account import TAIL_BYTES
+from corral.pipeline.upstream import UpstreamError
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus the ones aiohttp computes itself.
 _HOP_BY_HOP = frozenset(
@@ -29,11 +30,12 @@ _HOP_BY_HOP = frozenset(
     for h in (
         "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
         "Trailer", "Trailers", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
+        "Expect",
     )
 )
 
 
-def _drop_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+def _drop_listed(headers: MultiMapping[str]) -> frozenset[str]:
     listed = headers.get("Connection")
     if not listed:
         return _HOP_BY_HOP
@@ -53,7 +55,7 @@ def request_headers(headers: CIMultiDictProxy[str],
     return out
 
 
-def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def response_headers(headers: MultiMapping[str]) -> CIMultiDict[str]:
     drop = _drop_listed(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in headers.items():
@@ -120,7 +122,40 @@ class RelayResult:
     started: float = field(default_factory=time.monotonic)
 
 
-async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, result: RelayResult,
+class Source(Protocol):
+    """What the relay reads from: the lean pool's ``Response`` or ``AiohttpSource``."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def headers(self) -> MultiMapping[str]: ...
+    @property
+    def content_length(self) -> int | None: ...
+
+    async def read_chunk(self) -> bytes: ...
+
+
+class AiohttpSource:
+    """An aiohttp client response seen as a relay source (non-hot routes)."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self.resp = resp
+        self.status = resp.status
+        self.reason = resp.reason
+        self.headers = resp.headers
+        self.content_length = resp.content_length
+
+    async def read_chunk(self) -> bytes:
+        return await self.resp.content.readany()
+
+
+_READ_ERRORS = (TimeoutError, UpstreamError, aiohttp.ClientPayloadError,
+                aiohttp.ClientConnectionError)
+
+
+async def relay(request: web.BaseRequest, upstream: Source, result: RelayResult,
                 sse: bool, extra_headers: dict[str, str] | None = None) -> web.StreamResponse:
     """Stream ``upstream`` to the client as it arrives; keep a bounded tail for
     accounting. Mid-stream upstream failures end an NDJSON stream with an
@@ -136,11 +171,11 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, resu
     await resp.prepare(request)
     tail = bytearray()
     newline = b"\n"
-    content = upstream.content
+    read = upstream.read_chunk
     while True:
         try:
-            chunk = await content.readany()
-        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            chunk = await read()
+        except _READ_ERRORS as exc:
             # Only the upstream read is guarded: a client that went away raises from
             # ``resp.write`` below and ends the relay (the caller closes upstream).
             result.error = _mid_stream_message(exc)
@@ -172,6 +207,7 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, resu
 
 
 def _mid_stream_message(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.SocketTimeoutError):
+    if isinstance(exc, TimeoutError | aiohttp.SocketTimeoutError) or (
+            isinstance(exc, UpstreamError) and exc.kind == "timeout"):
         return "upstream timed out between two chunks"
     return "upstream connection lost mid-stream"

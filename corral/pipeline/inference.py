@@ -11,7 +11,6 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -19,8 +18,9 @@ from corral.backends.backend import normalize_model
 from corral.pipeline.account import usage_from_tail
 from corral.pipeline.admit import Verdict
 from corral.pipeline.errors import error_response, not_found_model
-from corral.pipeline.forward import RelayResult, UpstreamFailure, open_upstream, relay
+from corral.pipeline.forward import RelayResult, UpstreamFailure, relay
 from corral.pipeline.identify import Client
+from corral.pipeline.upstream import Response, UpstreamError, encode_head
 from corral.scheduler.queues import Job
 from corral.scheduler.slots import SchedulingError
 
@@ -150,8 +150,8 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
     priority, weight = gw.tiers[client.tier]
     cost = 1.0 if gw.queue.fairness == "requests" else estimate_cost(path, data, len(body))
     job = Job(model=name, client=client.name, priority=priority, weight=weight, cost=cost)
-    headers = gw.upstream_headers(request)
-    path_qs = request.path_qs
+    # The request head is encoded once, whatever the number of tries.
+    head = encode_head(request.method, request.path_qs, gw.upstream_headers(request).items())
     last_failure: UpstreamFailure | None = None
     attempt = 0
     while True:
@@ -169,8 +169,12 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
             rec["queue_wait_ms"] = round((time.monotonic() - started) * 1000, 3)
         rec["backend"] = backend.name
         try:
-            upstream = await open_upstream(gw.session, backend, request.method, path_qs,
-                                           headers, body, gw.timeouts, gw.client_timeout)
+            try:
+                upstream = await gw.pools.get(backend.url).request(
+                    head, body, gw.timeouts.first_byte or None, gw.timeouts.read or None)
+            except UpstreamError as exc:
+                raise UpstreamFailure(exc.kind, f"backend {backend.name}: {exc}",
+                                      504 if exc.kind == "timeout" else 502) from None
         except UpstreamFailure as failure:
             gw.scheduler.release(backend)
             gw.note_failure(backend, failure.kind)
@@ -207,7 +211,7 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
 
 
 async def _stream(gw: Gateway, request: web.BaseRequest, job: Job, backend: Any,
-                  upstream: aiohttp.ClientResponse, openai: bool,
+                  upstream: Response, openai: bool,
                   rec: dict[str, Any]) -> web.StreamResponse:
     result = RelayResult()
     rec["status"] = upstream.status
