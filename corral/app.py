@@ -200,8 +200,6 @@ class Gateway:
                               verdict.rule)
             return verdict.response
         try:
-            if verdict.delay_ms:
-                await asyncio.sleep(verdict.delay_ms / 1000)
             return await handler(self, request)
         finally:
             await self.admission.finish(verdict, 0)

@@ -96,6 +96,7 @@ class Verdict:
     delay_ms: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     lease: ConnLease | None = None
+    dry_lease: ConnLease | None = None
     token_calls: tuple[TokenCall, ...] = ()
 
 
@@ -176,25 +177,49 @@ class Admission:
                 return verdict
             if token_rules and await self._tokens(token_rules, verdict, openai):
                 return verdict
+        except StoreError as exc:
+            if self._store_failed(exc):
+                return self._store_refusal(verdict, openai)
+        if verdict.delay_ms:
+            # nginx's delay: the request is already counted and waits here, before it
+            # is scheduled (holding no backend slot) and before limit_conn counts it.
+            # A client that leaves meanwhile cancels this wait.
+            await asyncio.sleep(verdict.delay_ms / 1000)
+        try:
             if conn_rules:
                 await self._limit_conn(conn_rules, verdict, openai)
             self._store_ok()
         except StoreError as exc:
             if self._store_failed(exc):
-                verdict.response = _refuse(503, "rate limit state is unavailable; try again",
-                                           openai, {"Retry-After": "1"})
-                verdict.outcome = "store_error"
+                return self._store_refusal(verdict, openai)
         return verdict
+
+    def _store_refusal(self, verdict: Verdict, openai: bool) -> Verdict:
+        verdict.response = _refuse(503, "rate limit state is unavailable; try again",
+                                   openai, {"Retry-After": "1"})
+        verdict.outcome = "store_error"
+        return verdict
+
+    def _note_dry(self, verdict: Verdict, rule: str, outcome: str) -> None:
+        """Dry-run decisions are reported when nothing real happened to the request."""
+        if outcome != "passed" and verdict.outcome == "passed" and verdict.rule is None:
+            verdict.rule, verdict.outcome = rule, outcome
 
     async def _limit_req(self, rules: list[tuple[_Rule, str]], verdict: Verdict,
                          openai: bool) -> bool:
         real = [(r, k) for r, k in rules if not r.cfg.dry_run and accountable_key(k)]
         dry = [(r, k) for r, k in rules if r.cfg.dry_run and accountable_key(k)]
+        dry_outcome: tuple[str, str] | None = None
         if dry:
             d = await self.store.limit_req(_req_calls(dry), dry_run=True)
+            outcome = _outcome(d.status, dry_run=True)
             for r, _ in dry:
-                self._count(r.cfg.name, _outcome(d.status, dry_run=True))
+                self._count(r.cfg.name, outcome)
+            culprit = dry[d.zone_index or 0][0] if d.zone_index is not None else dry[0][0]
+            dry_outcome = (culprit.cfg.name, outcome)
         if not real:
+            if dry_outcome is not None:
+                self._note_dry(verdict, *dry_outcome)
             return False
         decision = await self.store.limit_req(_req_calls(real))
         if decision.rejected:
@@ -211,6 +236,8 @@ class Admission:
             return True
         verdict.delay_ms = decision.delay_ms
         verdict.outcome = "delayed" if decision.delay_ms else "passed"
+        if dry_outcome is not None:
+            self._note_dry(verdict, *dry_outcome)
         # Tell the client about its tightest zone.
         tightest: tuple[int, _Rule, int] | None = None
         for (rule, _), excess in zip(real, decision.excess, strict=False):
@@ -221,6 +248,8 @@ class Admission:
                 tightest = (left, rule, excess)
         if tightest is not None:
             left, rule, excess = tightest
+            if verdict.outcome == "delayed":
+                verdict.rule = rule.cfg.name
             assert rule.params is not None
             verdict.headers.update(_ratelimit_headers(
                 rule, rule.params, left, math.ceil(reset_ms(rule.params, excess) / 1000)))
@@ -252,6 +281,21 @@ class Admission:
     async def _limit_conn(self, rules: list[tuple[_Rule, str]], verdict: Verdict,
                           openai: bool) -> None:
         real = [(r, k) for r, k in rules if not r.cfg.dry_run and conn_key_ok(k)]
+        dry = [(r, k) for r, k in rules if r.cfg.dry_run and conn_key_ok(k)]
+        if dry:
+            # nginx counts a dry-run request it passes (and releases it at the end);
+            # one it would refuse is counted nowhere.
+            d = await self.store.conn_acquire(
+                [ConnCall(r.cfg.zone_name, k, r.cfg.max_concurrent or 1) for r, k in dry],
+                dry_run=True)
+            outcome = "dry_run_rejected" if d.status is LimitStatus.REJECTED_DRY_RUN else (
+                "passed")
+            for r, _ in dry:
+                self._count(r.cfg.name, outcome)
+            self._note_dry(verdict, dry[d.zone_index or 0][0].cfg.name, outcome)
+            if d.lease is not None:
+                verdict.dry_lease = d.lease
+                self._leases.add(d.lease)
         if not real:
             return
         calls = [ConnCall(r.cfg.zone_name, k, r.cfg.max_concurrent or 1) for r, k in real]
@@ -272,10 +316,11 @@ class Admission:
 
     async def finish(self, verdict: Verdict, tokens: int) -> None:
         """The response ended (or the client left): release and charge."""
-        if verdict.lease is not None:
-            self._leases.discard(verdict.lease)
-            with contextlib.suppress(StoreError):
-                await self.store.conn_release(verdict.lease)
+        for lease in (verdict.lease, verdict.dry_lease):
+            if lease is not None:
+                self._leases.discard(lease)
+                with contextlib.suppress(StoreError):
+                    await self.store.conn_release(lease)
         if verdict.token_calls and tokens > 0:
             with contextlib.suppress(StoreError):
                 await self.store.tokens_charge(verdict.token_calls, tokens)

@@ -125,15 +125,11 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
     if gw.admission.enabled:
         verdict = await gw.admission.admit(request, client, name, openai)
         request["verdict"] = verdict
+        if verdict.outcome != "passed":
+            rec["rule"], rec["limit"] = verdict.rule, verdict.outcome
         if verdict.response is not None:
-            rec["status"], rec["rule"], rec["limit"] = (verdict.response.status, verdict.rule,
-                                                        verdict.outcome)
+            rec["status"] = verdict.response.status
             return verdict.response
-        if verdict.delay_ms:
-            # nginx's delay: the request is already counted and waits here, holding no
-            # backend slot; a client that leaves meanwhile is simply gone.
-            rec["limit"] = "delayed"
-            await asyncio.sleep(verdict.delay_ms / 1000)
     if not gw.up_backends():
         # Nothing answers at all: say so plainly rather than guess a 404.
         rec["status"], rec["error"] = 503, "no backend is reachable"

@@ -161,3 +161,62 @@ def start_corral(tmp_path: Path) -> Iterator[Any]:
 def backends(*sims: Sim, slots: int = 1) -> list[dict[str, Any]]:
     return [{"url": s.url, "name": f"b{i}", "max_concurrency": slots}
             for i, s in enumerate(sims)]
+
+
+# -- limits: a real nginx to compare with, a real Redis to share state ------------------
+
+
+@pytest.fixture
+def start_nginx(tmp_path: Path) -> Iterator[Any]:
+    """``start_nginx(http, server)``: nginx with these zone lines (http block) and
+    locations (server block) on a free port. Fails, never skips, without nginx."""
+    from tests.integration.nginx_support import Nginx, launch_nginx
+
+    started: list[Nginx] = []
+
+    def start(http: str, server: str) -> Nginx:
+        nginx = launch_nginx(tmp_path / f"nginx-{len(started)}", http, server)
+        started.append(nginx)
+        return nginx
+
+    yield start
+    for n in started:
+        n.stop()
+
+
+@dataclass
+class RedisServer:
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def start_redis(tmp_path: Path) -> Iterator[Any]:
+    """``start_redis()``: a fresh redis-server on a free port, for this test only (so a
+    test may kill it). Fails, never skips, without the binary."""
+    import shutil
+
+    from tests.contract.conftest import _start_redis
+
+    started: list[RedisServer] = []
+
+    def start() -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not on PATH: the shared-state limit tests need a "
+                        "real Redis server (install the redis-server package); they are "
+                        "not skipped", pytrace=False)
+        proc, port = _start_redis(binary, tmp_path / f"redis-{len(started)}.log")
+        server = RedisServer(f"redis://127.0.0.1:{port}/0", port, proc)
+        started.append(server)
+        return server
+
+    yield start
+    for r in started:
+        r.kill()
