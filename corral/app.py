@@ -41,6 +41,7 @@ from corral.pipeline.upstream import Pools
 from corral.scheduler.queues import JobQueue, Priority
 from corral.scheduler.slots import Scheduler
 from corral.web.routes import observe_routes
+from corral.web.server import Server
 
 log = logging.getLogger("corral")
 
@@ -290,7 +291,7 @@ async def serve(settings: Settings, ready: Callable[[str], None] | None = None) 
     # Application's router and middleware chain would only add cost per request.
     # handler_cancellation: a client that disconnects cancels its handler, so its
     # queue entry, slot and upstream request are released at once.
-    server = web.Server(gateway.handle, request_factory=make_request,
+    server = Server(gateway.handle, request_factory=make_request,
                         handler_cancellation=True, access_log=None)
     host, port = settings.listen_host_port
     listener = await loop.create_server(server, host, port, backlog=4096, reuse_address=True)

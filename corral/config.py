@@ -144,6 +144,7 @@ class TimeoutsConfig(_Model):
     connect: Duration = 5.0
     first_byte: Duration = 300.0
     read: Duration = 300.0
+    client_body: Duration = 60.0     # to receive a request body (nginx client_body_timeout)
 
 
 class ClientsConfig(_Model):

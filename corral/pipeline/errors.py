@@ -28,8 +28,12 @@ def error_body(status: int, message: str, openai: bool) -> bytes:
 
 def error_response(status: int, message: str, openai: bool = False,
                    headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=error_body(status, message, openai),
+    resp = web.Response(status=status, body=error_body(status, message, openai),
                         content_type="application/json", headers=headers)
+    if status in (408, 413, 431):
+        # The rest of the request was never read: the connection cannot carry another.
+        resp.force_close()
+    return resp
 
 
 def not_found_model(path: str, model: str) -> str:

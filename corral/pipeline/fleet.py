@@ -112,7 +112,7 @@ async def proxy_one(gw: Gateway, request: web.BaseRequest, backend: Backend | No
         return error_response(503, "no backend is available", openai, {"Retry-After": "5"})
     if body is None:
         try:
-            body = await read_body(request)
+            body = await read_body(request, gw.settings.timeouts.client_body)
         except BadRequest as exc:
             return error_response(exc.status, str(exc), openai)
     try:
@@ -136,7 +136,7 @@ async def proxy_one(gw: Gateway, request: web.BaseRequest, backend: Backend | No
 async def proxy_by_model(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     """``/api/show``, ``/api/push``: to one up backend that has the model."""
     try:
-        body = await read_body(request)
+        body = await read_body(request, gw.settings.timeouts.client_body)
         _, model = parse_request(body)
     except BadRequest as exc:
         return error_response(exc.status, str(exc))
@@ -174,7 +174,7 @@ async def broadcast_simple(gw: Gateway, request: web.BaseRequest) -> web.StreamR
     """``/api/copy``, ``/api/delete``: every backend that has the model; 200 with an
     empty body (as Ollama) when all succeed, else the first failure as it came."""
     try:
-        body = await read_body(request)
+        body = await read_body(request, gw.settings.timeouts.client_body)
         data = orjson.loads(body) if body else {}
     except (BadRequest, orjson.JSONDecodeError) as exc:
         return error_response(getattr(exc, "status", 400), str(exc))
@@ -196,7 +196,7 @@ async def broadcast_simple(gw: Gateway, request: web.BaseRequest) -> web.StreamR
 async def broadcast_stream(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     """``/api/pull``, ``/api/create``, ``/api/blobs/*``: to every up backend."""
     try:
-        body = await read_body(request)
+        body = await read_body(request, gw.settings.timeouts.client_body)
     except BadRequest as exc:
         return error_response(exc.status, str(exc))
     targets = gw.up_backends()

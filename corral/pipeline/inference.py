@@ -43,9 +43,14 @@ class BadRequest(Exception):
         self.status = status
 
 
-async def read_body(request: web.BaseRequest) -> bytes:
+async def read_body(request: web.BaseRequest, limit_s: float) -> bytes:
+    """The whole body (inference needs the model before anything else), within
+    ``timeouts.client_body``: a client that stalls mid-body holds nothing for long."""
     try:
-        return await request.read()
+        async with asyncio.timeout(limit_s or None):
+            return await request.read()
+    except TimeoutError:
+        raise BadRequest(408, f"request body not received within {limit_s:g}s") from None
     except web.HTTPRequestEntityTooLarge:
         limit = request.client_max_size
         raise BadRequest(413, f"request body too large: the limit is {limit} bytes") from None
@@ -114,7 +119,7 @@ async def handle_inference(gw: Gateway, request: web.BaseRequest) -> web.StreamR
 async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool, started: float,
                  rec: dict[str, Any]) -> web.StreamResponse:
     try:
-        body = await read_body(request)
+        body = await read_body(request, gw.settings.timeouts.client_body)
         data, model = parse_request(body)
     except BadRequest as exc:
         rec["status"], rec["error"] = exc.status, str(exc)
