@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,7 +24,7 @@ from corral import __version__
 from corral.backends.backend import Backend
 from corral.backends.breaker import Breaker
 from corral.backends.health import HealthMonitor
-from corral.config import Settings
+from corral.config import BackendConfig, Settings
 from corral.limits.storage.base import LimitStore
 from corral.limits.storage.memory import MemoryLimitStore
 from corral.limits.storage.redis import RedisLimitStore
@@ -38,6 +39,7 @@ from corral.pipeline.identify import Client, Identifier
 from corral.pipeline.inference import INFERENCE_PATHS, handle_inference
 from corral.pipeline.route import Router
 from corral.pipeline.upstream import Pools
+from corral.reload import reload_from_file, reload_handler
 from corral.scheduler.queues import JobQueue, Priority
 from corral.scheduler.slots import Scheduler
 from corral.web.routes import observe_routes
@@ -51,23 +53,15 @@ Handler = Callable[["Gateway", web.BaseRequest], Awaitable[web.StreamResponse]]
 class Gateway:
     """Runtime state of one Corral process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, config_path: str | None = None) -> None:
         self.settings = settings
-        h = settings.health
-        self.backends = [Backend.from_config(b, Breaker(h.max_fails, h.fail_timeout))
-                         for b in settings.backends]
+        self.config_path = config_path
+        self.backends = [self.new_backend(b) for b in settings.backends]
         self.router = Router(settings.routing.strategy, settings.routing.prefer_loaded)
         self.queue = JobQueue(settings.queue.fairness)
         self.scheduler = Scheduler(self.backends, self.router, self.queue,
                                    settings.queue.max_depth, settings.queue.max_wait)
-        t = settings.timeouts
-        self.timeouts = Timeouts(t.connect, t.first_byte, t.read)
-        self.client_timeout = self.timeouts.client_timeout()
-        self.retry_on = frozenset(str(x) for x in settings.retry.on)
-        self.retry_on_status = frozenset(x for x in settings.retry.on if isinstance(x, int))
-        self.identifier = Identifier(settings)
-        self.tiers = {name: (Priority.parse(t.priority), t.weight)
-                      for name, t in settings.tiers.items()}
+        self.configure(settings)
         self.access_log = AccessLog(settings.access_log)
         self.activity = Activity()
         self.metrics = Metrics(self, self.activity)
@@ -79,8 +73,36 @@ class Gateway:
         self._rr = 0
         self._routes: dict[tuple[str, str], Handler] = {}
         self._install_routes()
+        self._own_routes: dict[tuple[str, str], Handler] = {}
+        self.install_own_routes()
+
+    def install_own_routes(self) -> None:
         # Per instance: the metrics path comes from the settings.
-        self._own_routes = {**_OWN_ROUTES, **observe_routes(settings.metrics.path)}
+        self._own_routes = {**_OWN_ROUTES, **observe_routes(self.settings.metrics.path),
+                            ("POST", "/corral/reload"): reload_handler}
+
+    def new_backend(self, cfg: BackendConfig) -> Backend:
+        h = self.settings.health
+        return Backend.from_config(cfg, Breaker(h.max_fails, h.fail_timeout))
+
+    def configure(self, settings: Settings) -> None:
+        """Everything derived from the settings that requests read; swapped as a
+        whole on reload (the event loop runs one request step at a time, so no
+        request ever sees half of an old and half of a new configuration)."""
+        self.settings = settings
+        t = settings.timeouts
+        self.timeouts = Timeouts(t.connect, t.first_byte, t.read)
+        self.client_timeout = self.timeouts.client_timeout()
+        self.retry_on = frozenset(str(x) for x in settings.retry.on)
+        self.retry_on_status = frozenset(x for x in settings.retry.on if isinstance(x, int))
+        self.identifier = Identifier(settings)
+        self.tiers = {name: (Priority.parse(t.priority), t.weight)
+                      for name, t in settings.tiers.items()}
+        self.router.strategy = settings.routing.strategy
+        self.router.prefer_loaded = settings.routing.prefer_loaded
+        self.queue.fairness = settings.queue.fairness
+        self.scheduler.max_depth = settings.queue.max_depth
+        self.scheduler.max_wait = settings.queue.max_wait
 
     # -- lifespan -------------------------------------------------------------------
 
@@ -273,13 +295,18 @@ _OWN_ROUTES: dict[tuple[str, str], Handler] = {
 }
 
 
-async def serve(settings: Settings, ready: Callable[[str], None] | None = None) -> None:
+async def serve(settings: Settings, ready: Callable[[str], None] | None = None,
+                config_path: str | None = None) -> None:
     """Run until cancelled (the CLI cancels on SIGINT/SIGTERM), then shut down
     gracefully: stop accepting, let in-flight requests finish for up to
     ``shutdown_grace``, then cancel what is left."""
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, config_path)
     await gateway.start()
     loop = asyncio.get_running_loop()
+    if config_path is not None:
+        with contextlib.suppress(NotImplementedError, AttributeError):
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(
+                reload_from_file(gateway)))
     max_body = settings.max_body_size
 
     def make_request(message: Any, payload: Any, protocol: Any, writer: Any,

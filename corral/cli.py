@@ -78,7 +78,7 @@ def serve(config: Path | None, listen: str | None, log_level: str) -> None:
         click.echo(f"corral {__version__} listening on {url} "
                    f"({len(settings.backends)} backend(s))", err=True)
 
-    run_async(serve_app(settings, ready))
+    run_async(serve_app(settings, ready, str(config) if config else None))
 
 
 @main.command()

@@ -115,7 +115,7 @@ class Admission:
     # -- lifespan: limit_conn leases are refreshed in one background loop ------------
 
     def start(self) -> None:
-        if any(r.cfg.max_concurrent for r in self.rules):
+        if self._task is None and any(r.cfg.max_concurrent for r in self.rules):
             self._task = asyncio.get_running_loop().create_task(self._refresh_leases())
 
     async def stop(self) -> None:
@@ -124,6 +124,15 @@ class Admission:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.store.close()
+
+    def adopt(self, previous: Admission) -> None:
+        """Take over from the admission a reload replaces: its held leases (their
+        requests still run) and the lease refresher; the store is shared."""
+        if previous._task is not None:
+            previous._task.cancel()
+        self._leases |= previous._leases
+        self._outage = previous._outage
+        self.start()
 
     async def _refresh_leases(self) -> None:
         while True:

@@ -335,7 +335,15 @@ class Pools:
         pool = self._pools.get(url)
         if pool is None:
             pool = self._pools[url] = Pool(url, self.connect_timeout)
+        elif pool.connect_timeout != self.connect_timeout:
+            pool.connect_timeout = self.connect_timeout     # changed by a reload
         return pool
+
+    def drop(self, url: str) -> None:
+        """A backend left the configuration: close its connections."""
+        pool = self._pools.pop(url, None)
+        if pool is not None:
+            pool.close()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._sweep())

@@ -94,6 +94,13 @@ class Sim(Proc):
 @dataclass
 class Gateway(Proc):
     access_log: Path = Path()
+    config_path: Path = Path()
+
+    def rewrite_config(self, config: dict[str, Any]) -> None:
+        """Replace the config file (listen and access log kept) for a reload."""
+        cfg = {"listen": f"127.0.0.1:{self.port}", "access_log": str(self.access_log),
+               **config}
+        self.config_path.write_text(yaml.safe_dump(cfg))
 
     def status(self) -> dict[str, Any]:
         return get_json(self.url + "/corral/status")  # type: ignore[no-any-return]
@@ -146,7 +153,8 @@ def start_corral(tmp_path: Path) -> Iterator[Any]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "corral", "serve", "--config", str(cfg_path)],
             stdout=log.open("wb"), stderr=subprocess.STDOUT, env=_env())
-        gw = Gateway(f"http://127.0.0.1:{port}", port, proc, log, access_log=access)
+        gw = Gateway(f"http://127.0.0.1:{port}", port, proc, log, access_log=access,
+                     config_path=cfg_path)
         started.append(gw)
         _wait_http(gw.url + "/healthz", proc, log)
         if wait_ready:
