@@ -40,4 +40,6 @@ def not_found_model(path: str, model: str) -> str:
     """Ollama's own words for an unknown model, per endpoint (REFERENCE B3)."""
     if path in ("/api/embed", "/api/embeddings"):
         return f'model "{model}" not found, try pulling it first'
+    if path == "/api/copy":
+        return f"model {orjson.dumps(model).decode()} not found"   # Go's %q
     return f"model '{model}' not found"
