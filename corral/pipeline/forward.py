@@ -136,6 +136,10 @@ class Source(Protocol):
 
     async def read_chunk(self) -> bytes: ...
 
+    def at_eof(self) -> bool:
+        """Nothing more will come: the chunk just read was the last."""
+        ...
+
 
 class AiohttpSource:
     """An aiohttp client response seen as a relay source (non-hot routes)."""
@@ -149,6 +153,9 @@ class AiohttpSource:
 
     async def read_chunk(self) -> bytes:
         return await self.resp.content.readany()
+
+    def at_eof(self) -> bool:
+        return self.resp.content.at_eof()
 
 
 _READ_ERRORS = (TimeoutError, UpstreamError, aiohttp.ClientPayloadError,
@@ -170,7 +177,6 @@ async def relay(request: web.BaseRequest, upstream: Source, result: RelayResult,
     result.status = upstream.status
     await resp.prepare(request)
     tail = bytearray()
-    newline = b"\n"
     read = upstream.read_chunk
     while True:
         try:
@@ -195,15 +201,26 @@ async def relay(request: web.BaseRequest, upstream: Source, result: RelayResult,
             break
         if result.ttfb is None:
             result.ttfb = time.monotonic() - result.started
+        if upstream.at_eof():
+            # The last chunk: send it with the end of the response in one write.
+            _count(result, tail, chunk)
+            result.completed = True
+            result.tail = bytes(tail)
+            await resp.write_eof(chunk)
+            return resp
         await resp.write(chunk)
-        result.nbytes += len(chunk)
-        result.chunks += chunk.count(newline)
-        tail += chunk
-        if len(tail) > 2 * TAIL_BYTES:
-            del tail[:-TAIL_BYTES]
+        _count(result, tail, chunk)
     result.tail = bytes(tail)
     await resp.write_eof()
     return resp
+
+
+def _count(result: RelayResult, tail: bytearray, chunk: bytes) -> None:
+    result.nbytes += len(chunk)
+    result.chunks += chunk.count(b"\n")
+    tail += chunk
+    if len(tail) > 2 * TAIL_BYTES:
+        del tail[:-TAIL_BYTES]
 
 
 def _mid_stream_message(exc: BaseException) -> str:

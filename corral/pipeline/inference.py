@@ -47,6 +47,9 @@ async def read_body(request: web.BaseRequest, limit_s: float) -> bytes:
     """The whole body (inference needs the model before anything else), within
     ``timeouts.client_body``: a client that stalls mid-body holds nothing for long."""
     try:
+        if request.content.is_eof():
+            # Already all here (the common case for small bodies): nothing can stall.
+            return await request.read()
         async with asyncio.timeout(limit_s or None):
             return await request.read()
     except TimeoutError:

@@ -198,6 +198,9 @@ class Response:
                 if timer is not None:
                     timer.cancel()
 
+    def at_eof(self) -> bool:
+        return self._conn.complete and not self._conn.chunks
+
     def release(self) -> None:
         """Done with the response: keep the connection if it ended cleanly."""
         if self._released:
