@@ -18,15 +18,19 @@ from corral import __version__
 from corral.config import ConfigError, Settings, load_settings
 
 
-def run_async(main: Coroutine[Any, Any, None]) -> None:
-    """Run ``main`` on uvloop (when available) until it ends or SIGINT/SIGTERM."""
+def new_runner() -> asyncio.Runner:
+    """An asyncio runner on uvloop when available (it halves the loop's own cost)."""
     try:
         import uvloop
 
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+        return asyncio.Runner(loop_factory=uvloop.new_event_loop)
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        runner = asyncio.Runner()
-    with runner:
+        return asyncio.Runner()
+
+
+def run_async(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` until it ends or SIGINT/SIGTERM."""
+    with new_runner() as runner:
         loop = runner.get_loop()
         task = loop.create_task(main)
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -31,12 +31,9 @@ _T = TypeVar("_T")
 def _run(main: Coroutine[Any, Any, _T]) -> _T:
     # uvloop for the load generator: its per-request cost is part of what the
     # benchmark must keep small (the generator shares the cores with the targets).
-    try:
-        import uvloop
+    from corral.cli import new_runner
 
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        runner = asyncio.Runner()
+    runner = new_runner()
     with runner:
         return runner.run(_cancel_on_sigterm(main))
 
