@@ -1,5 +1,7 @@
 """Configuration: defaults, durations, and errors naming file, line and key."""
 
+from typing import Any
+
 import pytest
 
 from corral.config import ConfigError, load_settings, load_settings_text, parse_duration
@@ -66,3 +68,34 @@ def test_limits_as_mapping_or_list() -> None:
         "nodelay: true}")
     assert a.limits.rules == b.limits.rules
     assert b.limits.on_store_error == "deny"
+
+
+def test_keys_hash_command_matches_identification() -> None:
+    from click.testing import CliRunner
+
+    from corral.cli import main
+    from corral.pipeline.identify import hash_key
+
+    result = CliRunner().invoke(main, ["keys", "hash", "sk-alice"])
+    assert result.exit_code == 0
+    assert result.output.strip() == hash_key("sk-alice")
+    assert len(result.output.strip()) == 64
+    piped = CliRunner().invoke(main, ["keys", "hash"], input="sk-alice\n")
+    assert piped.output.strip() == hash_key("sk-alice")
+
+
+def test_check_command_exit_status(tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from corral.cli import main
+
+    good = tmp_path / "good.yaml"
+    good.write_text("backends:\n  - url: http://127.0.0.1:11434\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("backends:\n  - url: http://127.0.0.1:11434\nlimits:\n"
+                   "  - {name: gen, rate: 10r/h}\n")
+    ok = CliRunner().invoke(main, ["check", "-c", str(good)])
+    assert ok.exit_code == 0 and '"listen": "0.0.0.0:8080"' in ok.output
+    refused = CliRunner().invoke(main, ["check", "-c", str(bad)])
+    assert refused.exit_code == 1
+    assert "bad.yaml:4: limits[gen].rate: invalid rate" in refused.output
