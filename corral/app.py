@@ -140,6 +140,9 @@ class Gateway:
         strip = _CREDENTIALS if client is not None and client.key_matched else frozenset()
         return request_headers(request.headers, strip)
 
+    def any_up(self) -> bool:
+        return any(b.up for b in self.backends)
+
     def fleet_has_model(self, model: str) -> bool:
         return any(model in b.models for b in self.backends)
 

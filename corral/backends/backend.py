@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from corral.backends.breaker import Breaker
+from corral.backends.breaker import Breaker, BreakerState
 from corral.config import BackendConfig
 
 
@@ -47,7 +47,10 @@ class Backend:
         return self.max_concurrency - self.in_flight
 
     def routable(self, now: float) -> bool:
-        return self.up and not self.draining and self.breaker.available(now)
+        if not self.up or self.draining:
+            return False
+        breaker = self.breaker
+        return breaker.state is BreakerState.CLOSED or breaker.available(now)
 
     def has_model(self, model: str) -> bool:
         return model in self.models

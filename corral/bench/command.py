@@ -22,7 +22,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from corral.bench import harness, overhead
+from corral.bench import failover, harness, overhead
 
 _DEFAULTS = overhead.Options()
 _T = TypeVar("_T")
@@ -283,5 +283,82 @@ def overhead_command(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
                                   | orjson.OPT_NON_STR_KEYS)
+                     + b"\n")
+    console.print(f"results written to {path}")
+
+
+_FAILOVER = failover.Options()
+
+
+def _dated_output(name: str) -> Path:
+    """``benchmarks/results/<name>-<date>.json``; a later run the same day gets a suffix."""
+    base = Path("benchmarks/results") / f"{name}-{dt.date.today().isoformat()}.json"
+    path, n = base, 2
+    while path.exists():
+        path = base.with_name(f"{base.stem}-{n}.json")
+        n += 1
+    return path
+
+
+@bench_command.command("failover")
+@click.option("--clients", type=click.IntRange(min=1, max=4096), default=_FAILOVER.clients,
+              show_default=True, help="Concurrent clients, each looping streaming requests.")
+@click.option("--phase-seconds", type=click.FloatRange(min=0.5),
+              default=_FAILOVER.phase_seconds, show_default=True,
+              help="Length of each of the seven phases.")
+@click.option("--warmup", type=click.FloatRange(min=0), default=_FAILOVER.warmup,
+              show_default=True, help="Seconds of load before the first phase (not counted).")
+@click.option("--num-predict", type=click.IntRange(min=1), default=_FAILOVER.num_predict,
+              show_default=True, help="Tokens per request.")
+@click.option("--tps", type=click.FloatRange(min=0), default=_FAILOVER.tps, show_default=True,
+              help="Tokens per second of each stand-in stream (0 = instant).")
+@click.option("--parallel", type=click.IntRange(min=1), default=_FAILOVER.parallel,
+              show_default=True, help="Slots of each stand-in, and max_concurrency in Corral.")
+@click.option("--first-byte-timeout", type=click.FloatRange(min=0.1),
+              default=_FAILOVER.first_byte_timeout, show_default=True,
+              help="Corral's timeouts.first_byte, in seconds (decides the hang phase).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Where to write the JSON result [default: "
+                   "benchmarks/results/failover-<date>.json].")
+def failover_command(
+    clients: int, phase_seconds: float, warmup: float, num_predict: int, tps: float,
+    parallel: int, first_byte_timeout: float, output: Path | None,
+) -> None:
+    """What clients see while a backend fails and recovers.
+
+    Two stand-in backends A and B behind Corral under a steady streaming load, while A
+    goes through: baseline, 500 out of memory, recovered, hang before the first byte,
+    recovered, killed (SIGKILL), restarted on the same port. Per phase: requests OK,
+    failures by kind (non-200, stream cut, connection error), p50/p99 latency, retries
+    and the backend that served (from Corral's access log); and how soon Corral took A
+    out after each fault and routed to it again after each recovery.
+    """
+    console = Console(stderr=False)
+    opts = failover.Options(
+        clients=clients, phase_seconds=phase_seconds, warmup=warmup,
+        num_predict=num_predict, tps=tps, parallel=parallel,
+        first_byte_timeout=first_byte_timeout,
+    )
+
+    def progress(message: str) -> None:
+        console.print(f"[dim]· {message}[/]")
+
+    with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
+        try:
+            result = _run(failover.run(opts, Path(tmp), progress))
+        except asyncio.CancelledError:
+            console.print("[yellow]benchmark stopped; every process it started was stopped[/]")
+            sys.exit(130)
+        except harness.TargetError as exc:
+            console.print("[red]benchmark aborted:[/]")
+            console.print(str(exc), markup=False, highlight=False)
+            sys.exit(1)
+    result = {"benchmark": "failover",
+              "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+              "machine": machine_info(), **result}
+    failover.render(console, result)
+    path = output or _dated_output("failover")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
                      + b"\n")
     console.print(f"results written to {path}")

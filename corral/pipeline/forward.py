@@ -42,6 +42,19 @@ def _drop_listed(headers: MultiMapping[str]) -> frozenset[str]:
     return _HOP_BY_HOP | {h.strip().lower() for h in listed.split(",")}
 
 
+HOP_BY_HOP_BYTES = frozenset(h.encode() for h in _HOP_BY_HOP)
+CREDENTIALS_BYTES = frozenset({b"authorization", b"x-api-key"})
+
+
+def raw_drop_set(headers: MultiMapping[str], strip_credentials: bool) -> frozenset[bytes]:
+    """Lower-cased header names (bytes) not to forward for this request."""
+    drop = HOP_BY_HOP_BYTES
+    listed = headers.get("Connection")
+    if listed:
+        drop = drop | {h.strip().lower().encode("latin-1") for h in listed.split(",")}
+    return drop | CREDENTIALS_BYTES if strip_credentials else drop
+
+
 def request_headers(headers: CIMultiDictProxy[str],
                     strip: frozenset[str] = frozenset()) -> CIMultiDict[str]:
     """Client headers for the backend with hop-by-hop ones dropped. ``Host`` is

@@ -18,7 +18,7 @@ from corral.backends.backend import normalize_model
 from corral.pipeline.account import usage_from_tail
 from corral.pipeline.admit import Verdict
 from corral.pipeline.errors import error_response, not_found_model
-from corral.pipeline.forward import RelayResult, UpstreamFailure, relay
+from corral.pipeline.forward import RelayResult, UpstreamFailure, raw_drop_set, relay
 from corral.pipeline.identify import Client
 from corral.pipeline.upstream import Response, UpstreamError, encode_head
 from corral.scheduler.queues import Job
@@ -138,7 +138,7 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
         if verdict.response is not None:
             rec["status"] = verdict.response.status
             return verdict.response
-    if not gw.up_backends():
+    if not gw.any_up():
         # Nothing answers at all: say so plainly rather than guess a 404.
         rec["status"], rec["error"] = 503, "no backend is reachable"
         return error_response(503, "no backend is reachable; try again later", openai,
@@ -155,7 +155,8 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
     cost = 1.0 if gw.queue.fairness == "requests" else estimate_cost(path, data, len(body))
     job = Job(model=name, client=client.name, priority=priority, weight=weight, cost=cost)
     # The request head is encoded once, whatever the number of tries.
-    head = encode_head(request.method, request.path_qs, gw.upstream_headers(request).items())
+    head = encode_head(request.method, request.path_qs, request.raw_headers,
+                       raw_drop_set(request.headers, client.key_matched))
     last_failure: UpstreamFailure | None = None
     attempt = 0
     while True:

@@ -318,12 +318,16 @@ class Pool:
         return Response(conn, read_timeout)
 
 
-def encode_head(method: str, path_qs: str, headers: Iterable[tuple[str, str]]) -> bytes:
-    """Request line and headers (already free of hop-by-hop ones, Host and
-    Content-Length, which ``Pool.request`` adds)."""
-    lines = [f"{method} {path_qs} HTTP/1.1\r\n"]
-    lines.extend(f"{k}: {v}\r\n" for k, v in headers)
-    return "".join(lines).encode("latin-1")
+def encode_head(method: str, path_qs: str, raw_headers: Iterable[tuple[bytes, bytes]],
+                drop: frozenset[bytes]) -> bytes:
+    """Request line and the client's headers as they came (raw bytes: no decoding and
+    re-encoding per request), less the lower-cased names in ``drop`` — hop-by-hop
+    ones, Host and Content-Length, which ``Pool.request`` adds."""
+    parts = [f"{method} {path_qs} HTTP/1.1\r\n".encode("latin-1")]
+    for name, value in raw_headers:
+        if name.lower() not in drop:
+            parts += (name, b": ", value, b"\r\n")
+    return b"".join(parts)
 
 
 class Pools:

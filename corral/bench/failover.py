@@ -1,0 +1,686 @@
+"""The failover scenario: what clients see while a backend fails and recovers.
+
+Two stand-in Ollama servers, A and B, behind one Corral. A steady load of streaming
+``POST /api/generate`` requests runs for the whole time while A goes through a
+timeline of faults, one phase of a few seconds each:
+
+1. ``baseline`` — A and B healthy;
+2. ``oom`` — A answers every inference request with Ollama's 500 "model requires
+   more system memory" (its health probes keep answering);
+3. ``oom cleared``;
+4. ``hang`` — A accepts inference requests and never sends a byte (Corral gives up
+   after ``timeouts.first_byte``);
+5. ``hang cleared``;
+6. ``killed`` — A's process gets SIGKILL, with whatever streams it is serving;
+7. ``restarted`` — a fresh stand-in on A's port, which must rejoin.
+
+What Corral promises: a request that fails before its first byte is retried on B, so
+no client sees it; only a stream already flowing from A when A dies is cut, and it
+ends with one ``{"error": ...}`` line.
+
+Three views of the same run, each bucketed into the phases:
+
+* the clients: every request's outcome (a stream ending with ``"done": true``, a
+  non-200 status, a stream ending with an error line, a connection error) and latency;
+* Corral's access log: which backend served each request, and how many were retried;
+* ``GET /corral/status`` polled every ``poll_interval``: when Corral stopped routing
+  to A after each fault, and when it routed to A again after each recovery.
+
+A request is counted in the phase in which it ended (the last phase also takes the
+requests still running when the load stopped); requests that started during the
+warm-up are not counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from corral.bench import harness, load
+from corral.bench.harness import MODEL, Target
+
+A, B = "A", "B"
+
+OK = "ok"
+CUT = "cut"                  # 200, then the stream ended with an {"error": ...} line
+INCOMPLETE = "incomplete"    # 200, but the stream ended with neither a done nor an error line
+_STATUS = "status "          # a non-200 answer: "status 503"
+_CONNECTION = "connection: "  # no complete answer: "connection: reset"
+
+
+@dataclass(frozen=True)
+class Options:
+    clients: int = 32
+    phase_seconds: float = 4.0
+    warmup: float = 2.0
+    num_predict: int = 10
+    tps: float = 100.0
+    parallel: int = 4
+    first_byte_timeout: float = 1.0
+    poll_interval: float = 0.05
+    # A request with no complete answer after this long counts as a connection error.
+    request_deadline: float = 60.0
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    name: str
+    what: str
+    # "fault": Corral should stop routing to A; "recovery": it should route to A again.
+    kind: str
+
+
+PHASES = (
+    PhaseSpec("baseline", "A and B healthy", "baseline"),
+    PhaseSpec("oom", "A answers 500 out of memory", "fault"),
+    PhaseSpec("oom cleared", "A answers normally again", "recovery"),
+    PhaseSpec("hang", "A hangs before the first byte", "fault"),
+    PhaseSpec("hang cleared", "A answers normally again", "recovery"),
+    PhaseSpec("killed", "A's process killed (SIGKILL)", "fault"),
+    PhaseSpec("restarted", "a fresh A started on the same port", "recovery"),
+)
+KILLED = next(i for i, p in enumerate(PHASES) if p.name == "killed")
+
+
+# -- pure logic: outcomes, phases, status transitions ------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One client request. ``start``/``end`` are wall-clock seconds (comparable with
+    Corral's access log and the status polls); ``latency`` is from a monotonic clock."""
+
+    start: float
+    end: float
+    outcome: str
+    latency: float
+    ttft: float | None = None
+    error_lines: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Poll:
+    """Backend A as ``/corral/status`` showed it at wall-clock time ``t``."""
+
+    t: float
+    up: bool
+    routable: bool
+    breaker: str | None
+    in_flight: int
+
+
+def classify(status: int, last_line: bytes) -> str:
+    """The outcome of a complete HTTP response to a streaming request."""
+    if status != 200:
+        return f"{_STATUS}{status}"
+    compact = last_line.replace(b" ", b"")
+    if b'"done":true' in compact:
+        return OK
+    if b'{"error"' in compact:
+        return CUT
+    return INCOMPLETE
+
+
+def connection_kind(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "closed mid-response"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, ConnectionResetError):
+        return "reset"
+    return type(exc).__name__
+
+
+def phase_of(starts: Sequence[float], start: float, end: float) -> int | None:
+    """The phase a request counts in: the one in which it ended; the last phase has no
+    end, so it also takes the stragglers. None for a request started before the first
+    phase (the warm-up). ``starts`` holds each phase's start, ascending."""
+    if not starts or start < starts[0]:
+        return None
+    return max(0, bisect.bisect_right(starts, end) - 1)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    value = load.percentile(list(values), q)
+    return None if math.isnan(value) else round(value, 1)
+
+
+def summarize_clients(samples: Iterable[Sample], starts: Sequence[float]) -> list[dict[str, Any]]:
+    """Per phase: outcomes by kind, latency and time to first token of the OK ones."""
+    groups: list[list[Sample]] = [[] for _ in starts]
+    for s in samples:
+        i = phase_of(starts, s.start, s.end)
+        if i is not None:
+            groups[i].append(s)
+    out = []
+    for group in groups:
+        ok = [s for s in group if s.outcome == OK]
+        non_200: Counter[str] = Counter()
+        connection: Counter[str] = Counter()
+        cut = incomplete = 0
+        for s in group:
+            if s.outcome.startswith(_STATUS):
+                non_200[s.outcome.removeprefix(_STATUS)] += 1
+            elif s.outcome.startswith(_CONNECTION):
+                connection[s.outcome.removeprefix(_CONNECTION)] += 1
+            elif s.outcome == CUT:
+                cut += 1
+            elif s.outcome == INCOMPLETE:
+                incomplete += 1
+        lat = [s.latency * 1000 for s in ok]
+        ttft = [s.ttft * 1000 for s in ok if s.ttft is not None]
+        cut_samples = [s for s in group if s.outcome == CUT]
+        out.append({
+            "requests": len(group),
+            "ok": len(ok),
+            "failures": len(group) - len(ok),
+            "non_200": dict(sorted(non_200.items())),
+            "cut": cut,
+            # Each cut stream should carry exactly one error line, its last.
+            "cut_with_one_error_line": sum(1 for s in cut_samples if s.error_lines == 1),
+            "incomplete": incomplete,
+            "connection_errors": dict(sorted(connection.items())),
+            "latency_ms": {"p50": percentile(lat, 50), "p99": percentile(lat, 99),
+                           "max": round(max(lat), 1) if lat else None},
+            "ttft_ms": {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99)},
+        })
+    return out
+
+
+def record_span(rec: dict[str, Any]) -> tuple[float, float]:
+    """An access-log record's (start, end) in wall-clock seconds."""
+    start = float(rec.get("time") or 0.0)
+    return start, start + float(rec.get("duration_ms") or 0.0) / 1000
+
+
+def summarize_access_log(records: Iterable[dict[str, Any]],
+                         starts: Sequence[float]) -> list[dict[str, Any]]:
+    """Per phase, from Corral's side: statuses, which backend served the successful
+    requests, how many requests were retried (and how many retries in all), and the
+    streams that broke mid-way, by backend."""
+    groups: list[list[dict[str, Any]]] = [[] for _ in starts]
+    for rec in records:
+        start, end = record_span(rec)
+        i = phase_of(starts, start, end)
+        if i is not None:
+            groups[i].append(rec)
+    out = []
+    for group in groups:
+        statuses: Counter[str] = Counter()
+        served: Counter[str] = Counter()
+        mid_stream: Counter[str] = Counter()
+        retried = retries = 0
+        for rec in group:
+            status = rec.get("status")
+            statuses[str(status)] += 1
+            backend = str(rec.get("backend"))
+            if status == 200:
+                if rec.get("error"):
+                    mid_stream[backend] += 1
+                else:
+                    served[backend] += 1
+            n = int(rec.get("retries") or 0)
+            if n:
+                retried += 1
+                retries += n
+        out.append({
+            "requests": len(group),
+            "statuses": dict(sorted(statuses.items())),
+            "served_by": dict(sorted(served.items())),
+            "retried_requests": retried,
+            "retries": retries,
+            "mid_stream_errors": dict(sorted(mid_stream.items())),
+        })
+    return out
+
+
+def first_out(polls: Sequence[Poll], since: float, until: float = math.inf) -> Poll | None:
+    """The first poll in [since, until) that shows A not routable."""
+    return next((p for p in polls if since <= p.t < until and not p.routable), None)
+
+
+def first_back(polls: Sequence[Poll], since: float, until: float = math.inf) -> Poll | None:
+    """The first poll in [since, until) that shows A fully back: up, routable and its
+    breaker closed (an open breaker is briefly routable when it lets one trial through)."""
+    return next((p for p in polls if since <= p.t < until and p.up and p.routable
+                 and p.breaker in (None, "closed")), None)
+
+
+def changes(polls: Sequence[Poll]) -> list[Poll]:
+    """The polls at which A's (up, routable, breaker) differed from the poll before."""
+    out: list[Poll] = []
+    for p in polls:
+        if not out or (p.up, p.routable, p.breaker) != (
+                out[-1].up, out[-1].routable, out[-1].breaker):
+            out.append(p)
+    return out
+
+
+def first_served(records: Iterable[dict[str, Any]], backend: str,
+                 since: float) -> float | None:
+    """When the first request that ``backend`` served successfully ended after ``since``."""
+    ends = [record_span(r)[1] for r in records
+            if r.get("backend") == backend and r.get("status") == 200 and not r.get("error")]
+    return min((e for e in ends if e >= since), default=None)
+
+
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def transitions(polls: Sequence[Poll], records: Sequence[dict[str, Any]],
+                starts: Sequence[float], stop: float) -> list[dict[str, Any]]:
+    """For each fault, how soon Corral stopped routing to A (and why: its breaker, i.e.
+    failed requests, or its health probes); for each recovery, how soon Corral routed
+    to A again and when A's first successful answer ended."""
+    out = []
+    for i, spec in enumerate(PHASES):
+        if spec.kind == "baseline" or i >= len(starts):
+            continue
+        since = starts[i]
+        until = starts[i + 1] if i + 1 < len(starts) else stop
+        row: dict[str, Any] = {"phase": spec.name, "kind": spec.kind}
+        if spec.kind == "fault":
+            p = first_out(polls, since, until)
+            row["out_after_s"] = _seconds(p.t - since if p else None)
+            row["taken_out_by"] = (None if p is None else
+                                   "health probes" if not p.up else "breaker")
+        else:
+            p = first_back(polls, since, until)
+            row["back_after_s"] = _seconds(p.t - since if p else None)
+            served = first_served(records, A, since)
+            row["first_ok_from_a_after_s"] = _seconds(
+                served - since if served is not None else None)
+        out.append(row)
+    return out
+
+
+def verdict(clients: Sequence[dict[str, Any]], corral: Sequence[dict[str, Any]],
+            moves: Sequence[dict[str, Any]], in_flight_at_kill: int | None) -> dict[str, Any]:
+    """Corral's promise, checked: nothing but the streams cut by A's death fails."""
+    other = sum(c["failures"] - (c["cut"] if i == KILLED else 0)
+                for i, c in enumerate(clients))
+    killed = clients[KILLED] if len(clients) > KILLED else None
+    cut = killed["cut"] if killed else 0
+    one_line = killed["cut_with_one_error_line"] if killed else 0
+    corral_cut = (corral[KILLED]["mid_stream_errors"].get(A, 0)
+                  if len(corral) > KILLED else 0)
+    within = in_flight_at_kill is None or cut <= in_flight_at_kill
+    out_ok = all(m.get("out_after_s") is not None for m in moves if m["kind"] == "fault")
+    back_ok = all(m.get("back_after_s") is not None for m in moves if m["kind"] == "recovery")
+    promise = other == 0 and one_line == cut and within and corral_cut == cut
+    return {
+        "failures_other_than_cut_by_kill": other,
+        "cut_by_kill": cut,
+        "cut_by_kill_with_one_error_line": one_line,
+        "cut_on_a_per_access_log": corral_cut,
+        "a_in_flight_at_kill": in_flight_at_kill,
+        "a_taken_out_after_each_fault": out_ok,
+        "a_back_after_each_recovery": back_ok,
+        "pass": promise and out_ok and back_ok,
+    }
+
+
+# -- the processes -------------------------------------------------------------------
+
+
+def standin(workdir: Path, port: int, opts: Options,
+            name: str) -> contextlib.AbstractAsyncContextManager[Target]:
+    argv = [sys.executable, "-m", "corral.simulate", "--port", str(port),
+            "--models", f"{MODEL}:latest", "--loaded", f"{MODEL}:latest",
+            "--tps", f"{opts.tps:g}", "--parallel", str(opts.parallel)]
+    return harness._spawn(name, argv, port, workdir)
+
+
+def corral_config(port: int, backends: Sequence[Target], opts: Options,
+                  access_log: Path) -> dict[str, Any]:
+    return {
+        "listen": f"127.0.0.1:{port}",
+        "backends": [{"url": t.url, "name": name, "max_concurrency": opts.parallel}
+                     for name, t in zip((A, B), backends, strict=True)],
+        "access_log": str(access_log),
+        "queue": {"max_depth": 1000, "max_wait": "30s"},
+        "health": {"interval": "500ms", "timeout": "500ms", "fall": 2, "rise": 2,
+                   "max_fails": 2, "fail_timeout": "2s"},
+        "retry": {"tries": 2},
+        "timeouts": {"first_byte": f"{opts.first_byte_timeout:g}s"},
+    }
+
+
+def corral(workdir: Path, backends: Sequence[Target], opts: Options,
+           access_log: Path) -> contextlib.AbstractAsyncContextManager[Target]:
+    port = harness.free_port()
+    path = workdir / "corral.yaml"
+    path.write_text(yaml.safe_dump(corral_config(port, backends, opts, access_log),
+                                   sort_keys=False))
+    argv = [sys.executable, "-m", "corral.cli", "serve", "--config", str(path),
+            "--log-level", "warning"]
+    return harness._spawn("corral", argv, port, workdir)
+
+
+async def _call(target: Target, method: str, path: str, body: Any = None) -> Any:
+    """One JSON request on a fresh connection; the decoded answer."""
+    raw = None if body is None else orjson.dumps(body)
+    request = load.encode_request(target.host, target.port, method, path, raw)
+    conn = load.Connection(target.host, target.port)
+    try:
+        resp = await asyncio.wait_for(conn.exchange(request, collect=True), 5.0)
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise harness.TargetError(f"{target.name}: {method} {path} answered {resp.status}: "
+                                  f"{resp.body[:200]!r}")
+    return orjson.loads(resp.body)
+
+
+async def set_fault(target: Target, mode: str) -> float:
+    """Switch the stand-in's fault mode; the wall-clock time it was in force."""
+    await _call(target, "POST", "/_sim/fault", {"mode": mode})
+    return time.time()
+
+
+async def _wait_routable(gw: Target, names: Sequence[str], within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        status = await _call(gw, "GET", "/corral/status")
+        if all(b.get("routable") for b in status["backends"] if b["name"] in names):
+            return
+        if time.monotonic() > deadline:
+            raise harness.TargetError(f"backends not routable after {within:g}s: "
+                                      f"{status['backends']}")
+        await asyncio.sleep(0.1)
+
+
+# -- the load and the status poller --------------------------------------------------
+
+
+class _StreamTail:
+    """Follows an NDJSON body as it arrives: when the first line ended, how many lines
+    were error lines, and the last line (the only one whose content decides)."""
+
+    __slots__ = ("error_lines", "first_line_at", "last_line", "lines", "tail")
+
+    def __init__(self) -> None:
+        self.first_line_at: float | None = None
+        self.lines = 0
+        self.error_lines = 0
+        self.last_line = b""
+        self.tail = b""
+
+    def __call__(self, data: bytes) -> None:
+        buf = self.tail + data if self.tail else data
+        if b"\n" not in buf:
+            self.tail = buf
+            return
+        if self.first_line_at is None:
+            self.first_line_at = time.perf_counter()
+        *complete, self.tail = buf.split(b"\n")
+        for line in complete:
+            self.lines += 1
+            if b'{"error"' in line:
+                self.error_lines += 1
+        self.last_line = complete[-1]
+
+    def final_line(self) -> bytes:
+        # A body that does not end with a newline still has a last line.
+        rest = self.tail.strip()
+        if rest:
+            return rest
+        return self.last_line
+
+
+class Load:
+    """``clients`` keep-alive connections to Corral, each sending its next streaming
+    request as soon as the previous one ended, until ``stop()``."""
+
+    def __init__(self, gw: Target, opts: Options) -> None:
+        self.gw = gw
+        self.opts = opts
+        self.request = load.generate_request(gw.host, gw.port, MODEL, opts.num_predict,
+                                             stream=True)
+        self.samples: list[Sample] = []
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.ensure_future(self._client()) for _ in range(self.opts.clients)]
+
+    async def stop(self) -> None:
+        """No new requests; wait for those in flight (each is bounded by the deadline)."""
+        self._stopping = True
+        try:
+            await asyncio.wait_for(asyncio.gather(*self._tasks),
+                                   self.opts.request_deadline + 5)
+        finally:
+            for t in self._tasks:
+                t.cancel()
+
+    async def _client(self) -> None:
+        conn = load.Connection(self.gw.host, self.gw.port)
+        try:
+            while not self._stopping:
+                await self._one(conn)
+        finally:
+            conn.close()
+
+    async def _one(self, conn: load.Connection) -> None:
+        tail = _StreamTail()
+        start = time.time()
+        t0 = time.perf_counter()
+        try:
+            resp = await asyncio.wait_for(conn.exchange(self.request, on_data=tail),
+                                          self.opts.request_deadline)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, load.ProtocolError) as exc:
+            outcome = _CONNECTION + connection_kind(exc)
+        else:
+            outcome = classify(resp.status, tail.final_line())
+        latency = time.perf_counter() - t0
+        ttft = None if tail.first_line_at is None else tail.first_line_at - t0
+        self.samples.append(Sample(start, time.time(), outcome, latency, ttft,
+                                   tail.error_lines))
+        if outcome.startswith(_CONNECTION):
+            conn.close()
+            await asyncio.sleep(0.05)  # Corral itself unreachable: do not spin
+
+
+async def poll_status(gw: Target, polls: list[Poll], interval: float) -> None:
+    """Sample backend A in ``/corral/status`` until cancelled."""
+    request = load.encode_request(gw.host, gw.port, "GET", "/corral/status")
+    conn = load.Connection(gw.host, gw.port)
+    try:
+        while True:
+            t0 = time.monotonic()
+            try:
+                resp = await asyncio.wait_for(conn.exchange(request, collect=True), 2.0)
+                status = orjson.loads(resp.body)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, load.ProtocolError,
+                    orjson.JSONDecodeError):
+                conn.close()
+            else:
+                for b in status.get("backends", ()):
+                    if b.get("name") == A:
+                        polls.append(Poll(time.time(), bool(b.get("up")),
+                                          bool(b.get("routable")), b.get("breaker"),
+                                          int(b.get("in_flight") or 0)))
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - t0)))
+    finally:
+        conn.close()
+
+
+def read_access_log(path: Path) -> list[dict[str, Any]]:
+    records = []
+    with contextlib.suppress(FileNotFoundError), path.open("rb") as f:
+        for line in f:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                rec = orjson.loads(line)
+                if isinstance(rec, dict) and rec.get("path") == "/api/generate":
+                    records.append(rec)
+    return records
+
+
+# -- the run ---------------------------------------------------------------------------
+
+
+Progress = Callable[[str], None]
+
+
+async def run(opts: Options, workdir: Path, progress: Progress) -> dict[str, Any]:
+    """Start the fleet, run the timeline under load; JSON-ready results (without the
+    machine description)."""
+    harness.raise_fd_limit()
+    access_log = workdir / "access.log"
+    port_a = harness.free_port()
+    polls: list[Poll] = []
+    starts: list[float] = []
+    events: list[tuple[str, float]] = []
+    in_flight_at_kill: int | None = None
+    stop = 0.0
+    async with contextlib.AsyncExitStack() as stack:
+        progress("starting stand-ins A and B and Corral")
+        a = await stack.enter_async_context(standin(workdir, port_a, opts, "standin-a"))
+        b = await stack.enter_async_context(
+            standin(workdir, harness.free_port(), opts, "standin-b"))
+        gw = await stack.enter_async_context(corral(workdir, (a, b), opts, access_log))
+        await _wait_routable(gw, (A, B))
+
+        traffic = Load(gw, opts)
+        poller = asyncio.ensure_future(poll_status(gw, polls, opts.poll_interval))
+        try:
+            traffic.start()
+            progress(f"{opts.clients} clients, {opts.warmup:g}s warm-up")
+            await asyncio.sleep(opts.warmup)
+
+            def begin(index: int, at: float) -> None:
+                starts.append(at)
+                events.append((PHASES[index].name, at))
+                progress(f"phase {index + 1}: {PHASES[index].name} — {PHASES[index].what}")
+
+            async def hold() -> None:
+                gw.check_alive()
+                await asyncio.sleep(max(0.0, starts[-1] + opts.phase_seconds - time.time()))
+
+            begin(0, time.time())
+            await hold()
+            for index, mode in ((1, "oom"), (2, "none"), (3, "hang"), (4, "none")):
+                begin(index, await set_fault(a, mode))
+                await hold()
+
+            stats = await _call(a, "GET", "/_sim/stats")
+            in_flight_at_kill = int(stats.get("in_flight") or 0)
+            at = time.time()
+            a.proc.kill()
+            await a.proc.wait()
+            begin(KILLED, at)
+            await hold()
+
+            begin(KILLED + 1, time.time())
+            await stack.enter_async_context(
+                standin(workdir, port_a, opts, "standin-a-restarted"))
+            events.append(("restarted stand-in ready", time.time()))
+            await hold()
+            stop = time.time()
+            events.append(("load stopped", stop))
+            progress("waiting for the last requests")
+            await traffic.stop()
+            # The access log is flushed every 100 ms: let the last lines reach the file.
+            await asyncio.sleep(0.3)
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+    # Every process is stopped now; Corral flushed its access log on the way out.
+    records = read_access_log(access_log)
+    clients = summarize_clients(traffic.samples, starts)
+    corral_side = summarize_access_log(records, starts)
+    moves = transitions(polls, records, starts, stop)
+    origin = starts[0]
+    phases = []
+    for i, spec in enumerate(PHASES):
+        end = starts[i + 1] if i + 1 < len(starts) else stop
+        phases.append({
+            "name": spec.name, "what": spec.what,
+            "start_s": round(starts[i] - origin, 3), "seconds": round(end - starts[i], 3),
+            "clients": clients[i], "corral": corral_side[i],
+        })
+    return {
+        "options": asdict(opts),
+        "phases": phases,
+        "transitions": moves,
+        "events": [{"event": name, "at_s": round(t - origin, 3)} for name, t in events],
+        "a_status_changes": [
+            {"at_s": round(p.t - origin, 3), "up": p.up, "routable": p.routable,
+             "breaker": p.breaker}
+            for p in changes(polls) if p.t >= origin
+        ],
+        "status_polls": len(polls),
+        "verdict": verdict(clients, corral_side, moves, in_flight_at_kill),
+        "totals": {"client_requests": len(traffic.samples), "access_log_records": len(records)},
+    }
+
+
+# -- the report ------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _counts(d: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in d.items()) or "0"
+
+
+def render(console: Console, result: dict[str, Any]) -> None:
+    opts = result["options"]
+    t = Table(title=f"Failover: {opts['clients']} clients streaming {opts['num_predict']} "
+                    f"tokens at {opts['tps']:g} tokens/s; backends A and B, "
+                    f"{opts['parallel']} slots each")
+    for col in ("phase", "s", "OK", "non-200", "cut", "conn err", "p50 ms", "p99 ms",
+                "retried", "served A / B"):
+        t.add_column(col, justify="left" if col == "phase" else "right")
+    for i, ph in enumerate(result["phases"]):
+        c, g = ph["clients"], ph["corral"]
+        served = g["served_by"]
+        t.add_row(f"{i + 1}. {ph['name']}", f"{ph['seconds']:.1f}", str(c["ok"]),
+                  _counts(c["non_200"]), str(c["cut"]),
+                  _counts(c["connection_errors"]) if c["connection_errors"] else "0",
+                  _fmt(c["latency_ms"]["p50"]), _fmt(c["latency_ms"]["p99"]),
+                  f"{g['retried_requests']}", f"{served.get(A, 0)} / {served.get(B, 0)}")
+    console.print(t)
+
+    t = Table(title="Backend A in Corral (/corral/status polled every "
+                    f"{opts['poll_interval'] * 1000:g} ms)")
+    for col in ("phase", "A out after", "by", "A back after", "first OK from A after"):
+        t.add_column(col, justify="left" if col in ("phase", "by") else "right")
+    for m in result["transitions"]:
+        if m["kind"] == "fault":
+            t.add_row(m["phase"], f"{_fmt(m['out_after_s'], 3)} s", m["taken_out_by"] or "–",
+                      "", "")
+        else:
+            t.add_row(m["phase"], "", "", f"{_fmt(m['back_after_s'], 3)} s",
+                      f"{_fmt(m['first_ok_from_a_after_s'], 3)} s")
+    console.print(t)
+
+    v = result["verdict"]
+    ok = "[green]PASS[/]" if v["pass"] else "[red]MISS[/]"
+    console.print(
+        f"{ok} failures other than streams cut by A's death: "
+        f"{v['failures_other_than_cut_by_kill']}; streams cut at the kill: {v['cut_by_kill']} "
+        f"({v['cut_by_kill_with_one_error_line']} with exactly one error line; "
+        f"{v['cut_on_a_per_access_log']} per Corral's access log; A had "
+        f"{_fmt(v['a_in_flight_at_kill'])} requests in flight)")
