@@ -32,7 +32,6 @@ import httptools
 from multidict import CIMultiDict
 
 _HIGH_WATER = 256 * 1024
-_LOW_WATER = 64 * 1024
 _IDLE_SECONDS = 30.0
 
 
@@ -61,6 +60,7 @@ class _Conn(asyncio.Protocol):
     def _reset(self) -> None:
         self.status = 0
         self.keep_alive = False
+        self.until_eof = False
         self.reason = b""
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.headers_done: asyncio.Future[None] = self.loop.create_future()
@@ -94,6 +94,11 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
+        if self.until_eof and exc is None:
+            # A body framed by the end of the connection (neither Content-Length nor
+            # chunked): its end is the end of the message.
+            self.complete = True
+            self._wake()
         if not self.complete:
             before = not self.headers_done.done()
             self._fail(UpstreamError("error", "backend closed the connection"
@@ -111,6 +116,9 @@ class _Conn(asyncio.Protocol):
         self.status = self.parser.get_status_code()
         # Read now: llhttp forgets it once the message is complete.
         self.keep_alive = self.parser.should_keep_alive()
+        names = {k.lower() for k, _ in self.raw_headers}
+        self.until_eof = (b"content-length" not in names and b"transfer-encoding" not in names
+                          and self.status not in (204, 304) and self.status >= 200)
         if not self.headers_done.done():
             self.headers_done.set_result(None)
 
@@ -171,17 +179,16 @@ class Response:
         conn = self._conn
         while True:
             if conn.chunks:
-                chunk = conn.chunks.popleft()
-                conn.buffered -= len(chunk)
-                if conn.paused and conn.buffered < _LOW_WATER and conn.transport is not None:
+                if len(conn.chunks) == 1:
+                    chunk = conn.chunks.popleft()
+                else:
+                    # Coalesce what is already here: one write to the client, not many.
+                    chunk = b"".join(conn.chunks)
+                    conn.chunks.clear()
+                conn.buffered = 0
+                if conn.paused and conn.transport is not None:
                     conn.paused = False
                     conn.transport.resume_reading()
-                if len(conn.chunks) > 1:
-                    # Coalesce what is already here: one write to the client, not many.
-                    rest = b"".join(conn.chunks)
-                    conn.chunks.clear()
-                    conn.buffered = 0
-                    chunk += rest
                 return chunk
             if conn.complete:
                 return b""
