@@ -296,7 +296,10 @@ class Pool:
         try:
             return await self._exchange(conn, head, body, first_byte_timeout, read_timeout)
         except UpstreamError as exc:
-            if not (reused and exc.before_response and not conn.got_bytes):
+            # Only a pooled connection found closed is retried: a timeout means the
+            # backend itself is slow, and waiting for it twice would double the wait.
+            if not (reused and exc.kind == "error" and exc.before_response
+                    and not conn.got_bytes):
                 raise
         # The idle connection had been closed by the backend: once more, fresh.
         conn = await self._connect()

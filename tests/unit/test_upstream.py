@@ -175,3 +175,28 @@ async def test_slow_reader_pauses_the_backend(serve) -> None:  # type: ignore[no
     # in the whole 4 MiB answer.
     assert resp._conn.buffered < 1024 * 1024
     assert len(await _body(resp)) == 64 * len(big)
+
+
+async def test_timeout_on_a_pooled_connection_is_not_retried(serve) -> None:  # type: ignore[no-untyped-def]
+    requests: list[int] = []
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_request(r)
+        requests.append(1)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await w.drain()
+        await _read_request(r)
+        requests.append(1)
+        await asyncio.sleep(5)          # now it hangs
+
+    url, conns = await serve(script)
+    pool = Pool(url, 1.0)
+    first = await pool.request(HEAD, b"{}", 1.0, 1.0)
+    await _body(first)
+    first.release()
+    with pytest.raises(UpstreamError) as info:
+        await pool.request(HEAD, b"{}", 0.3, 1.0)
+    assert info.value.kind == "timeout"
+    # One wait for the first byte, on the pooled connection; no second connection
+    # opened to the same slow backend.
+    assert len(conns) == 1 and len(requests) == 2
