@@ -33,6 +33,7 @@ from corral.observe.metrics import Metrics
 from corral.observe.status import Activity, build_status
 from corral.pipeline import fleet
 from corral.pipeline.admit import Admission
+from corral.pipeline.affinity import Affinity
 from corral.pipeline.errors import error_response
 from corral.pipeline.forward import Timeouts, request_headers
 from corral.pipeline.identify import Client, Identifier
@@ -59,6 +60,7 @@ class Gateway:
         self.backends = [self.new_backend(b) for b in settings.backends]
         self.router = Router(settings.routing.strategy, settings.routing.prefer_loaded)
         self.queue = JobQueue(settings.queue.fairness)
+        self.affinity = Affinity()
         self.scheduler = Scheduler(self.backends, self.router, self.queue,
                                    settings.queue.max_depth, settings.queue.max_wait)
         self.configure(settings)

@@ -17,6 +17,7 @@ from aiohttp import web
 from corral.backends.backend import normalize_model
 from corral.pipeline.account import usage_from_tail
 from corral.pipeline.admit import Verdict
+from corral.pipeline.affinity import session_key
 from corral.pipeline.errors import error_response, not_found_model
 from corral.pipeline.forward import RelayResult, UpstreamFailure, raw_drop_set, relay
 from corral.pipeline.identify import Client
@@ -154,6 +155,10 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
     priority, weight = gw.tiers[client.tier]
     cost = 1.0 if gw.queue.fairness == "requests" else estimate_cost(path, data, len(body))
     job = Job(model=name, client=client.name, priority=priority, weight=weight, cost=cost)
+    session = None
+    if gw.settings.routing.affinity == "session":
+        session = session_key(name, data, request.headers)
+        job.affinity = gw.affinity.get(session)
     # The request head is encoded once, whatever the number of tries.
     head = encode_head(request.method, request.path_qs, request.raw_headers,
                        raw_drop_set(request.headers, client.key_matched))
@@ -198,6 +203,8 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
             raise
         if upstream.status not in gw.retry_on_status:
             gw.note_success(backend, job.model)
+            if session is not None:
+                gw.affinity.remember(session, backend.name)
             break
         gw.note_failure(backend, str(upstream.status))
         if attempt + 1 >= gw.settings.retry.tries:

@@ -54,3 +54,25 @@ async def test_fifo_serves_in_arrival_order(start_sim: Any, start_corral: Any) -
                        "queue": {"fairness": "fifo"}})
     done = await _order(gw)
     assert done[-2:] == ["light0", "light1"], done
+
+
+@pytest.mark.parametrize("affinity", ["session", "none"])
+async def test_session_affinity_keeps_a_conversation_on_one_backend(
+        start_sim: Any, start_corral: Any, affinity: str) -> None:
+    a = start_sim("--models", "llama3.2:latest", "--loaded", "llama3.2:latest", "--instant")
+    b = start_sim("--models", "llama3.2:latest", "--loaded", "llama3.2:latest", "--instant")
+    gw = start_corral({"backends": backends(a, b, slots=2),
+                       "routing": {"strategy": "round_robin", "affinity": affinity}})
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    async with aiohttp.ClientSession() as s:
+        for turn in range(4):
+            async with s.post(gw.url + "/api/chat", json={
+                    "model": "llama3.2", "messages": messages, "stream": False}) as r:
+                reply = await r.json()
+            messages += [reply["message"], {"role": "user", "content": f"turn {turn}"}]
+    served = [r["backend"] for r in gw.records() if r["path"] == "/api/chat"]
+    assert len(served) == 4
+    if affinity == "session":
+        assert len(set(served)) == 1, served
+    else:
+        assert len(set(served)) == 2, served        # round robin alternates
