@@ -10,7 +10,8 @@ from typing import Any
 import yaml
 
 from corral.bench import failover
-from corral.bench.failover import KILLED, PHASES, A, B, Poll, Sample
+from corral.bench import phases as pure
+from corral.bench.phases import KILLED, PHASES, A, B, Poll, Sample
 from corral.config import load_settings_text
 
 STARTS = [100.0 + 4 * i for i in range(len(PHASES))]   # seven 4-second phases
@@ -18,29 +19,29 @@ STOP = STARTS[-1] + 4
 
 
 def test_classify() -> None:
-    assert failover.classify(200, b'{"response":"","done":true,"eval_count":10}') == "ok"
-    assert failover.classify(200, b'{"response": "", "done": true}') == "ok"
-    assert failover.classify(200, b'{"error":"upstream connection lost mid-stream"}') == "cut"
-    assert failover.classify(200, b'{"response":"a","done":false}') == "incomplete"
-    assert failover.classify(503, b'{"error":"queue full"}') == "status 503"
+    assert pure.classify(200, b'{"response":"","done":true,"eval_count":10}') == "ok"
+    assert pure.classify(200, b'{"response": "", "done": true}') == "ok"
+    assert pure.classify(200, b'{"error":"upstream connection lost mid-stream"}') == "cut"
+    assert pure.classify(200, b'{"response":"a","done":false}') == "incomplete"
+    assert pure.classify(503, b'{"error":"queue full"}') == "status 503"
 
 
 def test_connection_kind() -> None:
-    assert failover.connection_kind(ConnectionRefusedError()) == "refused"
-    assert failover.connection_kind(ConnectionResetError()) == "reset"
-    assert failover.connection_kind(TimeoutError()) == "timeout"
-    assert failover.connection_kind(asyncio.IncompleteReadError(b"", 10)) == \
+    assert pure.connection_kind(ConnectionRefusedError()) == "refused"
+    assert pure.connection_kind(ConnectionResetError()) == "reset"
+    assert pure.connection_kind(TimeoutError()) == "timeout"
+    assert pure.connection_kind(asyncio.IncompleteReadError(b"", 10)) == \
         "closed mid-response"
 
 
 def test_phase_of_counts_a_request_where_it_ended() -> None:
     starts = [10.0, 14.0, 18.0]
-    assert failover.phase_of(starts, 9.9, 10.5) is None       # started in the warm-up
-    assert failover.phase_of(starts, 10.0, 10.5) == 0
-    assert failover.phase_of(starts, 13.5, 14.0) == 1          # a phase starts inclusive
-    assert failover.phase_of(starts, 13.5, 15.2) == 1
-    assert failover.phase_of(starts, 17.0, 30.0) == 2          # the last phase has no end
-    assert failover.phase_of([], 11.0, 12.0) is None
+    assert pure.phase_of(starts, 9.9, 10.5) is None       # started in the warm-up
+    assert pure.phase_of(starts, 10.0, 10.5) == 0
+    assert pure.phase_of(starts, 13.5, 14.0) == 1          # a phase starts inclusive
+    assert pure.phase_of(starts, 13.5, 15.2) == 1
+    assert pure.phase_of(starts, 17.0, 30.0) == 2          # the last phase has no end
+    assert pure.phase_of([], 11.0, 12.0) is None
 
 
 def test_stream_tail_follows_lines_across_chunks() -> None:
@@ -51,11 +52,11 @@ def test_stream_tail_follows_lines_across_chunks() -> None:
     assert tail.lines == 3
     assert tail.error_lines == 1
     assert tail.first_line_at is not None
-    assert failover.classify(200, tail.final_line()) == "cut"
+    assert pure.classify(200, tail.final_line()) == "cut"
 
     unterminated = failover._StreamTail()
     unterminated(b'{"response":"a","done":false}\n{"done":true}')
-    assert failover.classify(200, unterminated.final_line()) == "ok"
+    assert pure.classify(200, unterminated.final_line()) == "ok"
 
 
 def _sample(end: float, outcome: str = "ok", latency: float = 0.4,
@@ -74,7 +75,7 @@ def test_summarize_clients() -> None:
         _sample(STARTS[KILLED] + 0.2, "incomplete"),
         _sample(STOP + 1.0),                    # a straggler: the last phase
     ]
-    phases = failover.summarize_clients(samples, STARTS)
+    phases = pure.summarize_clients(samples, STARTS)
     assert len(phases) == len(PHASES)
     assert phases[0]["requests"] == 2 and phases[0]["ok"] == 2
     assert phases[0]["latency_ms"] == {"p50": 400.0, "p99": 500.0, "max": 500.0}
@@ -104,7 +105,7 @@ def test_summarize_access_log() -> None:
         _rec(STARTS[KILLED] - 0.2, 300, A, error="upstream connection lost mid-stream"),
         _rec(STARTS[KILLED] + 0.5, 100, None, status=503, retries=1, error="no backend"),
     ]
-    phases = failover.summarize_access_log(records, STARTS)
+    phases = pure.summarize_access_log(records, STARTS)
     assert phases[0]["served_by"] == {A: 1, B: 1}
     assert phases[1] == {"requests": 2, "statuses": {"200": 2}, "served_by": {B: 2},
                          "retried_requests": 2, "retries": 2, "mid_stream_errors": {}}
@@ -130,12 +131,12 @@ def test_detection_and_recovery_from_polls() -> None:
         _poll(STARTS[KILLED + 1] + 0.2, up=False, routable=False),
         _poll(STARTS[KILLED + 1] + 1.1),                         # restarted: back
     ]
-    assert failover.first_out(polls, STARTS[1]) == polls[2]
-    assert failover.first_back(polls, STARTS[2]) == polls[7]
-    assert failover.changes(polls) == [polls[0], polls[2], polls[3], polls[4], polls[6],
+    assert pure.first_out(polls, STARTS[1]) == polls[2]
+    assert pure.first_back(polls, STARTS[2]) == polls[7]
+    assert pure.changes(polls) == [polls[0], polls[2], polls[3], polls[4], polls[6],
                                        polls[7], polls[8], polls[10]]
     records = [_rec(108.3, 200, A), _rec(STARTS[-1] + 1.0, 250, A)]
-    moves = {m["phase"]: m for m in failover.transitions(polls, records, STARTS, STOP)}
+    moves = {m["phase"]: m for m in pure.transitions(polls, records, STARTS, STOP)}
     assert [m for m in moves] == [p.name for p in PHASES[1:]]
     assert moves["oom"]["out_after_s"] == 0.1
     assert moves["oom"]["taken_out_by"] == "breaker"
@@ -165,7 +166,7 @@ MOVES = [{"kind": "fault", "out_after_s": 0.1}, {"kind": "recovery", "back_after
 
 
 def test_verdict_passes_when_only_the_streams_on_a_are_cut() -> None:
-    v = failover.verdict(_phases(failures=3, cut=3, cut_with_one_error_line=3),
+    v = pure.verdict(_phases(failures=3, cut=3, cut_with_one_error_line=3),
                          _corral(3), MOVES, in_flight_at_kill=4)
     assert v["pass"] is True
     assert v["a_taken_out_after_each_fault"] and v["a_back_after_each_recovery"]
@@ -175,17 +176,17 @@ def test_verdict_misses() -> None:
     # A failure in another phase.
     clients = _phases()
     clients[1]["failures"] = 1
-    assert failover.verdict(clients, _corral(0), MOVES, 4)["pass"] is False
+    assert pure.verdict(clients, _corral(0), MOVES, 4)["pass"] is False
     # A failure at the kill that is not a cut stream.
-    assert failover.verdict(_phases(failures=1), _corral(0), MOVES, 4)["pass"] is False
+    assert pure.verdict(_phases(failures=1), _corral(0), MOVES, 4)["pass"] is False
     # More streams cut than A had in flight.
-    assert failover.verdict(_phases(failures=5, cut=5, cut_with_one_error_line=5),
+    assert pure.verdict(_phases(failures=5, cut=5, cut_with_one_error_line=5),
                             _corral(5), MOVES, 4)["pass"] is False
     # A cut stream that carried two error lines.
-    assert failover.verdict(_phases(failures=1, cut=1, cut_with_one_error_line=0),
+    assert pure.verdict(_phases(failures=1, cut=1, cut_with_one_error_line=0),
                             _corral(1), MOVES, 4)["pass"] is False
     # A not taken out is reported, but is not the promise.
-    v = failover.verdict(_phases(), _corral(0), [{"kind": "fault", "out_after_s": None}], 4)
+    v = pure.verdict(_phases(), _corral(0), [{"kind": "fault", "out_after_s": None}], 4)
     assert v["pass"] is True and v["a_taken_out_after_each_fault"] is False
 
 
