@@ -51,6 +51,7 @@ Try:
   curl {url}/api/chat -d '{{"model":"llama3.2","messages":[{{"role":"user","content":"hello"}}]}}'
   curl {url}/api/tags
   curl {url}/corral/status
+  dashboard: {url}/dashboard      metrics: {url}/metrics
 
 Press Ctrl-C to stop.""", err=True)
 
