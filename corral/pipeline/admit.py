@@ -181,26 +181,32 @@ class Admission:
             target = (req_rules if rule.params is not None else
                       conn_rules if rule.cfg.max_concurrent else token_rules)
             target.append((rule, key))
+        failed = False
         try:
             if req_rules and await self._limit_req(req_rules, verdict, openai):
+                self._store_ok()
                 return verdict
             if token_rules and await self._tokens(token_rules, verdict, openai):
+                self._store_ok()
                 return verdict
         except StoreError as exc:
             if self._store_failed(exc):
                 return self._store_refusal(verdict, openai)
+            failed = True       # allowed; and no second wait on a store that is down
         if verdict.delay_ms:
             # nginx's delay: the request is already counted and waits here, before it
             # is scheduled (holding no backend slot) and before limit_conn counts it.
             # A client that leaves meanwhile cancels this wait.
             await asyncio.sleep(verdict.delay_ms / 1000)
-        try:
-            if conn_rules:
+        if conn_rules and not failed:
+            try:
                 await self._limit_conn(conn_rules, verdict, openai)
+            except StoreError as exc:
+                if self._store_failed(exc):
+                    return self._store_refusal(verdict, openai)
+                failed = True
+        if not failed and (req_rules or token_rules or conn_rules):
             self._store_ok()
-        except StoreError as exc:
-            if self._store_failed(exc):
-                return self._store_refusal(verdict, openai)
         return verdict
 
     def _store_refusal(self, verdict: Verdict, openai: bool) -> Verdict:

@@ -351,3 +351,19 @@ async def test_redis_lost_mid_run(sim: Sim, start_corral: Any, start_redis: Any,
     if after == 503:
         assert [r.get("limit") for r in recs[3:]] == ["store_error"] * 4
     assert re.search(r"limit store unavailable", gw.log.read_text())
+
+
+@pytest.mark.parametrize(("policy", "expected"), [("allow", 200), ("deny", 503)])
+async def test_redis_unreachable_from_the_start(sim: Sim, start_corral: Any, policy: str,
+                                                expected: int) -> None:
+    """Redis down before Corral starts: Corral starts anyway, applies on_store_error,
+    and warns once per outage, not once per request."""
+    from tests.integration.conftest import free_port
+
+    gw = start_corral({"backends": backends(sim, slots=8),
+                       "state": f"redis://127.0.0.1:{free_port()}/0",
+                       "limits": {"on_store_error": policy, "rules": [seed_rule()]}})
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        assert await codes(s, gw, 4) == [expected] * 4
+    assert gw.proc.poll() is None
+    assert len(re.findall(r"limit store unavailable", gw.log.read_text())) == 1
