@@ -33,6 +33,7 @@ class Backend:
     up: bool = False
     models: frozenset[str] = frozenset()
     loaded: frozenset[str] = frozenset()
+    vram_bytes: int = 0          # GPU memory the resident models take (/api/ps size_vram)
     draining: bool = False
     # Passive health (max_fails/fail_timeout): failures counted on real requests.
     breaker: Breaker = field(default_factory=Breaker)

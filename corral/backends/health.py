@@ -79,6 +79,8 @@ class HealthMonitor:
             state.tags, state.ps = tags, ps
             backend.models = frozenset(_names(tags))
             backend.loaded = frozenset(_names(ps))
+            backend.vram_bytes = sum(int(v) for m in ps
+                                     if isinstance(v := m.get("size_vram"), int | float))
             state.latency = time.monotonic() - started
         state.last_probe = time.time()
         self._record(backend, state, ok)

@@ -224,6 +224,9 @@ class FleetCollector(Collector):
         loaded = GaugeMetricFamily("corral_backend_loaded_models",
                                    "Models resident in the backend's memory.",
                                    labels=["backend"])
+        vram = GaugeMetricFamily("corral_backend_vram_bytes",
+                                 "GPU memory taken by the resident models (/api/ps).",
+                                 labels=["backend"])
         model_loaded = GaugeMetricFamily(
             "corral_backend_model_loaded",
             "1 when the model is resident on the backend, 0 when only installed.",
@@ -235,6 +238,7 @@ class FleetCollector(Collector):
             slots.add_metric([b.name], b.max_concurrency)
             models.add_metric([b.name], len(b.models))
             loaded.add_metric([b.name], len(b.loaded))
+            vram.add_metric([b.name], b.vram_bytes)
             for m in sorted(b.models | b.loaded):
                 model_loaded.add_metric([b.name, m], 1 if m in b.loaded else 0)
         depth = GaugeMetricFamily("corral_queue_depth",
@@ -242,7 +246,8 @@ class FleetCollector(Collector):
                                   labels=["priority"])
         for cls, n in self.fleet.queue.depth_by_class().items():
             depth.add_metric([cls], n)
-        return [info, up, routable, in_flight, slots, models, loaded, model_loaded, depth]
+        return [info, up, routable, in_flight, slots, models, loaded, vram, model_loaded,
+                depth]
 
 
 async def metrics_handler(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:

@@ -277,7 +277,12 @@ def build_status(gw: Gateway) -> dict[str, Any]:
         if backend is not None:
             entry["breaker"] = backend.breaker.state.value
         state = states.get(entry["name"])
+        if backend is not None:
+            entry["vram_bytes"] = backend.vram_bytes
         if state is not None:
+            entry["loaded_detail"] = [
+                {"name": m.get("name"), "size_vram": m.get("size_vram"),
+                 "expires_at": m.get("expires_at")} for m in state.ps]
             entry["last_probe"] = round(state.last_probe, 3) if state.last_probe else None
             entry["probe_latency_ms"] = (round(state.latency * 1000, 1)
                                          if state.latency is not None else None)
