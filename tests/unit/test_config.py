@@ -99,3 +99,17 @@ def test_check_command_exit_status(tmp_path: Any) -> None:
     refused = CliRunner().invoke(main, ["check", "-c", str(bad)])
     assert refused.exit_code == 1
     assert "bad.yaml:4: limits[gen].rate: invalid rate" in refused.output
+
+
+def test_serve_refuses_an_invalid_config_and_starts_nothing(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen: 127.0.0.1:0\nlimits:\n  - {name: gen, rate: 5r/s, delay: 1, "
+                   "nodelay: true}\n")
+    done = subprocess.run([sys.executable, "-m", "corral", "serve", "-c", str(bad)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert "limits[gen]" in done.stderr and "delay and nodelay" in done.stderr
+    assert "nothing started" in done.stderr
