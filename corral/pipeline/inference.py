@@ -77,9 +77,35 @@ def parse_request(body: bytes) -> tuple[dict[str, Any], str]:
     return data, model
 
 
+def _text_chars(data: dict[str, Any], body_len: int) -> int:
+    """Characters of text the model will read. Images travel base64 in the same body
+    and would make a one-line question look like a novel, so only text fields count;
+    a body of another shape falls back to its size."""
+    n = 0
+    for key in ("prompt", "system", "input"):
+        value = data.get(key)
+        if isinstance(value, str):
+            n += len(value)
+        elif isinstance(value, list):
+            n += sum(len(v) for v in value if isinstance(v, str))
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        for m in messages:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                n += len(content)
+            elif isinstance(content, list):          # /v1 content parts
+                n += sum(len(part.get("text") or "") for part in content
+                         if isinstance(part, dict) and isinstance(part.get("text"), str))
+    elif n == 0 and "prompt" not in data and "input" not in data:
+        return body_len
+    return n
+
+
 def estimate_cost(path: str, data: dict[str, Any], body_len: int) -> float:
-    """Tokens in ×1 + tokens out ×2, estimated before the run; corrected afterwards."""
-    tokens_in = body_len // 4
+    """Tokens in ×1 + tokens out ×2, estimated before the run; corrected afterwards.
+    About four characters make a token."""
+    tokens_in = _text_chars(data, body_len) // 4
     if path in _EMBED_PATHS:
         return float(tokens_in)
     out = None

@@ -21,3 +21,19 @@ def test_openai_usage_last_wins() -> None:
 def test_counts_streamed_chunks_without_usage() -> None:
     u = usage_from_tail(b'data: {"choices":[]}\n\n', openai=True, chunks=12)
     assert u is not None and not u.exact and u.tokens_out > 0
+
+
+def test_cost_estimate_reads_text_not_images() -> None:
+    from corral.pipeline.inference import estimate_cost
+
+    text = {"model": "m", "messages": [{"role": "user", "content": "x" * 400}]}
+    with_image = {"model": "m", "messages": [
+        {"role": "user", "content": "x" * 400, "images": ["A" * 1_000_000]}]}
+    assert estimate_cost("/api/chat", text, 500) == estimate_cost(
+        "/api/chat", with_image, 1_000_500)
+    assert estimate_cost("/api/chat", text, 500) == 100 + 2 * 256
+    openai_parts = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "y" * 40},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "B" * 9999}}]}]}
+    assert estimate_cost("/v1/chat/completions", openai_parts, 10_100) == 10 + 20
+    assert estimate_cost("/api/embed", {"model": "m", "input": ["abcd", "efgh"]}, 60) == 2
