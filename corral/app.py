@@ -172,6 +172,10 @@ class Gateway:
         if len(self.backends) == 1:
             return
         if backend.breaker.on_failure(time.monotonic()):
+            # When the open period ends, jobs already waiting for this backend must
+            # get their trial at once, not at the next probe.
+            asyncio.get_running_loop().call_later(backend.breaker.fail_timeout + 0.01,
+                                                  self.scheduler.dispatch)
             log.warning("backend %s taken out for %gs after failed requests (last: %s)",
                         backend.name, backend.breaker.fail_timeout, kind)
 
