@@ -3,7 +3,7 @@
 -- KEYS[i]  sorted set for zone i under this request's key: member = holder id,
 --          score = lease expiry (ms). A lease expiring at or before now has lapsed,
 --          so a replica that dies holding slots gives them back by itself.
--- ARGV[1]  now in ms, or "" to read the server's TIME (one clock for all replicas)
+-- ARGV[1]  now in ms, or "" for the server's TIME (see prelude.lua)
 -- ARGV[2]  "acquire" | "refresh" | "release"
 -- ARGV[3]  holder id
 -- ARGV[4]  lease length in ms
@@ -13,26 +13,6 @@
 -- first zone at its limit (0 when none; then counts include this request).
 -- refresh returns {1} when the lease was still held in every zone, else {0}.
 -- release returns {}.
-
-if redis.replicate_commands then redis.replicate_commands() end
-
-local function floordiv(a, b)
-  local r = math.fmod(a, b)
-  if r < 0 then r = r + b end
-  return (a - r) / b
-end
-
-local function int(x)
-  return string.format('%.0f', x)
-end
-
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + floordiv(tonumber(t[2]), 1000)
-end
 
 local mode, holder, lease = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local n = #KEYS

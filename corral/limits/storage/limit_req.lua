@@ -3,40 +3,12 @@
 -- expires_at_ms(); keep the two in step (a property test compares them).
 --
 -- KEYS[i]  hash for zone i under this request's key: e = excess, l = last (ms)
--- ARGV[1]  now in ms, or "" to read the server's TIME (one clock for all replicas)
+-- ARGV[1]  now in ms, or "" for the server's TIME (see prelude.lua)
 -- ARGV[3i-1], ARGV[3i], ARGV[3i+1]  rate, burst, delay of zone i (milli-requests)
 --
 -- Returns {busy, delay_ms, retry_after_ms, now, then per zone: excess, last}
 -- (the node committed for zone i is {excess, last} unless a zone was busy).
 -- busy is the 1-based index of the first zone over its burst, 0 when none is.
-
--- Before Redis 5 a script that reads TIME and then writes must replicate effects.
-if redis.replicate_commands then redis.replicate_commands() end
-
--- Lua numbers are doubles: divide through the exact remainder so that integer
--- division stays exact (a plain a / b can round up across an integer).
-local function floordiv(a, b)
-  local r = math.fmod(a, b)
-  if r < 0 then r = r + b end
-  return (a - r) / b
-end
-
-local function ceildiv(a, b)
-  return -floordiv(-a, b)
-end
-
--- Numbers go to Redis as integer text: tostring() keeps only 14 digits.
-local function int(x)
-  return string.format('%.0f', x)
-end
-
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + floordiv(tonumber(t[2]), 1000)
-end
 
 local n = #KEYS
 local busy, max_delay, retry = 0, 0, 0

@@ -48,7 +48,10 @@ DEFAULT_TIMEOUT_S: Final = 2.0
 
 @cache
 def _script_text(name: str) -> str:
-    return files("corral.limits.storage").joinpath(name).read_text(encoding="utf-8")
+    """The script with the shared prelude (clock, exact integer helpers) in front."""
+    here = files("corral.limits.storage")
+    return (here.joinpath("prelude.lua").read_text(encoding="utf-8") + "\n"
+            + here.joinpath(name).read_text(encoding="utf-8"))
 
 
 class RedisLimitStore:

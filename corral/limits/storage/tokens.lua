@@ -3,7 +3,7 @@
 --
 -- KEYS[i]  hash for budget i under this request's key: v = level (1/60000 token),
 --          l = last tick (ms)
--- ARGV[1]  now in ms, or "" to read the server's TIME (one clock for all replicas)
+-- ARGV[1]  now in ms, or "" for the server's TIME (see prelude.lua)
 -- ARGV[2]  "check" | "charge"
 -- ARGV[3]  tokens to charge (charge only)
 -- ARGV[2i+2], ARGV[2i+3]  budget tokens per window and tick length (ms) of budget i
@@ -12,31 +12,7 @@
 -- 1-based index of the first empty or indebted budget, 0 when none is.
 -- charge returns {}.
 
-if redis.replicate_commands then redis.replicate_commands() end
-
 local UNITS_PER_TOKEN = 60000
-
-local function floordiv(a, b)
-  local r = math.fmod(a, b)
-  if r < 0 then r = r + b end
-  return (a - r) / b
-end
-
-local function ceildiv(a, b)
-  return -floordiv(-a, b)
-end
-
-local function int(x)
-  return string.format('%.0f', x)
-end
-
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + floordiv(tonumber(t[2]), 1000)
-end
 
 local mode, charged = ARGV[2], tonumber(ARGV[3])
 local n = #KEYS
