@@ -146,6 +146,10 @@ class Source(Protocol):
     def headers(self) -> MultiMapping[str]: ...
     @property
     def content_length(self) -> int | None: ...
+    @property
+    def forward_headers(self) -> CIMultiDict[str]:
+        """The headers to pass on to the client (hop-by-hop ones dropped)."""
+        ...
 
     async def read_chunk(self) -> bytes: ...
 
@@ -163,6 +167,7 @@ class AiohttpSource:
         self.reason = resp.reason
         self.headers = resp.headers
         self.content_length = resp.content_length
+        self.forward_headers = response_headers(resp.headers)
 
     async def read_chunk(self) -> bytes:
         return await self.resp.content.readany()
@@ -180,7 +185,7 @@ async def relay(request: web.BaseRequest, upstream: Source, result: RelayResult,
     """Stream ``upstream`` to the client as it arrives; keep a bounded tail for
     accounting. Mid-stream upstream failures end an NDJSON stream with an
     ``{"error": ...}`` line, as Ollama does, and an SSE stream without ``[DONE]``."""
-    headers = response_headers(upstream.headers)
+    headers = upstream.forward_headers
     if extra_headers:
         headers.update(extra_headers)
     resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)

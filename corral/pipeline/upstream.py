@@ -32,6 +32,12 @@ import httptools
 from multidict import CIMultiDict
 
 _HIGH_WATER = 256 * 1024
+# Response headers never forwarded (RFC 9110 §7.6.1, plus the framing the server
+# side computes itself).
+_HOP_BY_HOP_RESPONSE = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"content-length",
+})
 _IDLE_SECONDS = 30.0
 
 
@@ -165,14 +171,36 @@ class Response:
         self._read_timeout = read_timeout
         self.status = conn.status
         self.reason = conn.reason.decode("latin-1") or None
-        headers: CIMultiDict[str] = CIMultiDict()
+        # One pass over the raw header bytes: what the relay forwards (hop-by-hop
+        # ones dropped) and the two values the pipeline reads.
+        drop = _HOP_BY_HOP_RESPONSE
+        forward: CIMultiDict[str] = CIMultiDict()
+        self.content_length: int | None = None
+        self.content_type = ""
         for k, v in conn.raw_headers:
-            headers.add(k.decode("latin-1"), v.decode("latin-1"))
-        self.headers = headers
-        length = headers.get("Content-Length")
-        self.content_length = int(length) if length and length.isdigit() else None
-        self.content_type = headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+            name = k.lower()
+            if name == b"content-length":
+                self.content_length = int(v) if v.isdigit() else None
+            elif name == b"content-type":
+                self.content_type = v.split(b";", 1)[0].strip().lower().decode("latin-1")
+            elif name == b"connection" and v.lower() not in (b"keep-alive", b"close"):
+                drop = drop | {h.strip().lower() for h in v.split(b",")}
+            if name not in drop:
+                forward.add(k.decode("latin-1"), v.decode("latin-1"))
+        if drop is not _HOP_BY_HOP_RESPONSE:
+            for name in drop - _HOP_BY_HOP_RESPONSE:
+                forward.popall(name.decode("latin-1"), None)
+        self.forward_headers = forward
         self._released = False
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """All the backend's headers (built on demand: the relay needs only
+        ``forward_headers``)."""
+        out: CIMultiDict[str] = CIMultiDict()
+        for k, v in self._conn.raw_headers:
+            out.add(k.decode("latin-1"), v.decode("latin-1"))
+        return out
 
     async def read_chunk(self) -> bytes:
         """The next body chunk; ``b""`` at the end; raises UpstreamError on failure."""

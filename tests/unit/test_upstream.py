@@ -200,3 +200,19 @@ async def test_timeout_on_a_pooled_connection_is_not_retried(serve) -> None:  # 
     # One wait for the first byte, on the pooled connection; no second connection
     # opened to the same slow backend.
     assert len(conns) == 1 and len(requests) == 2
+
+
+async def test_forward_headers_drop_hop_by_hop(serve) -> None:  # type: ignore[no-untyped-def]
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nX-Private: 1\r\nContent-Type: application/json; "
+                b"charset=utf-8\r\nConnection: keep-alive, X-Private\r\nKeep-Alive: 5\r\n"
+                b"Transfer-Encoding: chunked\r\nX-Model: m\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+        await w.drain()
+
+    url, _ = await serve(script)
+    resp = await Pool(url, 1.0).request(HEAD, b"{}", 1.0, 1.0)
+    assert resp.content_type == "application/json" and resp.content_length is None
+    assert sorted(resp.forward_headers) == ["Content-Type", "X-Model"]
+    assert resp.headers["X-Private"] == "1"          # all of them, on demand
+    assert await _body(resp) == b"{}"
