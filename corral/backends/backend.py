@@ -21,7 +21,7 @@ def normalize_model(name: str) -> str:
     return name if ":" in last else f"{name}:latest"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Backend:
     name: str
     url: str

@@ -24,7 +24,7 @@ class BreakerState(Enum):
     HALF_OPEN = "half_open"
 
 
-@dataclass
+@dataclass(slots=True)
 class Breaker:
     max_fails: int = 3
     fail_timeout: float = 30.0

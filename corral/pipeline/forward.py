@@ -122,7 +122,7 @@ async def open_upstream(session: aiohttp.ClientSession, backend: Backend, method
     return resp
 
 
-@dataclass
+@dataclass(slots=True)
 class RelayResult:
     status: int = 0
     nbytes: int = 0

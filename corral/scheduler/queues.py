@@ -31,7 +31,7 @@ class Priority(IntEnum):
         return cls[name.upper()]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Job:
     model: str
     client: str = ""
