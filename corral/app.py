@@ -25,6 +25,9 @@ from corral.backends.backend import Backend
 from corral.backends.breaker import Breaker
 from corral.backends.health import HealthMonitor
 from corral.config import BackendConfig, Settings
+from corral.jobs.api import ITEM_PREFIX as JOB_ITEM_PREFIX
+from corral.jobs.api import job_item, job_routes
+from corral.jobs.service import JobService
 from corral.limits.storage.base import LimitStore
 from corral.limits.storage.memory import MemoryLimitStore
 from corral.limits.storage.redis import RedisLimitStore
@@ -68,6 +71,7 @@ class Gateway:
         self.activity = Activity()
         self.metrics = Metrics(self, self.activity)
         self.admission = Admission(settings, _limit_store(settings), self.metrics.limit_decision)
+        self.jobs = JobService(self)
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in start
         self.health: HealthMonitor = None  # type: ignore[assignment]
         self.pools: Pools = None  # type: ignore[assignment]
@@ -81,7 +85,7 @@ class Gateway:
     def install_own_routes(self) -> None:
         # Per instance: the metrics path comes from the settings.
         self._own_routes = {**_OWN_ROUTES, **observe_routes(self.settings.metrics.path),
-                            ("POST", "/corral/reload"): reload_handler}
+                            **job_routes(), ("POST", "/corral/reload"): reload_handler}
 
     def new_backend(self, cfg: BackendConfig) -> Backend:
         h = self.settings.health
@@ -126,8 +130,10 @@ class Gateway:
         self.access_log.start()
         self.admission.start()
         self.activity.start(self)
+        await self.jobs.start()
 
     async def stop(self) -> None:
+        await self.jobs.stop()     # first: running jobs are handed back to the queue
         await self.activity.stop()
         await self.health.stop()
         await self.session.close()
@@ -207,6 +213,8 @@ class Gateway:
         own = self._own_routes.get((request.method, path))
         if own is not None:
             return await own(self, request)
+        if path.startswith(JOB_ITEM_PREFIX):
+            return await job_item(self, request)
         client = self.identifier.identify(request)
         if client is None:
             self._log_refusal(request, None, 401, "unauthorized")

@@ -266,7 +266,33 @@ class QueueConfig(_Model):
 
 
 class JobsConfig(_Model):
+    # callback_url must name one of these hosts ("host" or "host:port"): otherwise
+    # anyone who may submit a job could make Corral POST to any address it can reach.
     callback_hosts: tuple[str, ...] = ()
+    workers: int = Field(4, ge=0)            # jobs run at once by this replica; 0: none
+    max_attempts: int = Field(3, ge=1)       # failed tries (5xx, lease lost) before the
+                                             #   job fails; busy answers (429/503) are free
+    ttl: Duration = 86400.0                  # a finished job is kept this long
+    lease: Duration = 30.0                   # a running job returns to the queue when its
+                                             #   replica stops refreshing it for this long
+    max_queued: int = Field(10000, ge=1)     # unfinished jobs in all; beyond: 503
+    max_queued_per_client: int = Field(1000, ge=1)   # beyond: 429
+    callback_timeout: Duration = 10.0
+    callback_tries: int = Field(3, ge=1)
+    poll_interval: Duration = 1.0            # an idle worker looks for work this often
+
+    @field_validator("callback_hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # Host names are case-insensitive; compare them in one case.
+        return tuple(h.strip().lower() for h in value if h.strip())
+
+    @field_validator("lease", "poll_interval", "callback_timeout", "ttl")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be greater than zero")
+        return value
 
 
 class MetricsConfig(_Model):

@@ -295,5 +295,6 @@ def build_status(gw: Gateway) -> dict[str, Any]:
     status["totals"] = dict(activity.totals)
     status["recent"] = dict(activity.recent)
     status["series"] = activity.series_json()
+    status["jobs"] = gw.jobs.status()
     return status
 

@@ -1,0 +1,1 @@
+"""Asynchronous batch jobs: ``/corral/jobs``, workers, callbacks, memory/Redis storage."""
