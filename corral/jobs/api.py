@@ -31,7 +31,7 @@ from corral.jobs.callbacks import callback_refusal
 from corral.jobs.store import JobRecord, JobStatus, QueueFull, StoreError, document
 from corral.pipeline.errors import error_response, not_found_model
 from corral.pipeline.identify import Client
-from corral.pipeline.inference import INFERENCE_PATHS, BadRequest, read_body
+from corral.pipeline.inference import INFERENCE_PATHS, BadRequest, parse_object, read_body
 
 if TYPE_CHECKING:
     from corral.app import Gateway
@@ -58,14 +58,7 @@ class Submission:
 
 def parse_submission(raw: bytes, callback_hosts: tuple[str, ...]) -> Submission:
     """Check a ``POST /corral/jobs`` body (pure); raises ``BadRequest(400, why)``."""
-    if not raw:
-        raise BadRequest(400, "missing request body")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(400, f"invalid JSON in request body: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadRequest(400, "the request body must be a JSON object")
+    data = parse_object(raw)
     unknown = sorted(set(data) - _FIELDS)
     if unknown:
         raise BadRequest(400, f"unknown field(s) {', '.join(unknown)}: a job is "

@@ -60,7 +60,8 @@ async def read_body(request: web.BaseRequest, limit_s: float) -> bytes:
         raise BadRequest(413, f"request body too large: the limit is {limit} bytes") from None
 
 
-def parse_request(body: bytes) -> tuple[dict[str, Any], str]:
+def parse_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or ``BadRequest(400)`` saying what is wrong."""
     if not body:
         raise BadRequest(400, "missing request body")
     try:
@@ -69,6 +70,11 @@ def parse_request(body: bytes) -> tuple[dict[str, Any], str]:
         raise BadRequest(400, f"invalid JSON in request body: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest(400, "the request body must be a JSON object")
+    return data
+
+
+def parse_request(body: bytes) -> tuple[dict[str, Any], str]:
+    data = parse_object(body)
     model = data.get("model")
     if model is None or model == "":
         raise BadRequest(400, "model is required")
