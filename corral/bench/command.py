@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,6 +51,29 @@ async def _cancel_on_sigterm(main: Coroutine[Any, Any, _T]) -> _T:
     finally:
         with contextlib.suppress(NotImplementedError):
             loop.remove_signal_handler(signal.SIGTERM)
+
+
+def _execute(console: Console, name: str,
+             scenario: Callable[[Path, Callable[[str], None]],
+                                Coroutine[Any, Any, dict[str, Any]]]) -> dict[str, Any]:
+    """Run a scenario in a scratch directory, printing its progress; exit 130 when
+    stopped (every process it started is stopped first) and 1 when a target failed."""
+    def progress(message: str) -> None:
+        console.print(f"[dim]· {message}[/]")
+
+    with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
+        try:
+            result = _run(scenario(Path(tmp), progress))
+        except asyncio.CancelledError:
+            console.print("[yellow]benchmark stopped; every process it started was stopped[/]")
+            sys.exit(130)
+        except harness.TargetError as exc:
+            console.print("[red]benchmark aborted:[/]")
+            # The message carries a process's log tail: print it verbatim, not as markup.
+            console.print(str(exc), markup=False, highlight=False)
+            sys.exit(1)
+    return {"benchmark": name, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "machine": machine_info(), **result}
 
 
 def _version(dist: str) -> str | None:
@@ -261,23 +284,8 @@ def overhead_command(
     opts = (overhead.Options.quick(**overrides) if quick
             else overhead.Options(**overrides))
 
-    def progress(message: str) -> None:
-        console.print(f"[dim]· {message}[/]")
-
-    with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
-        try:
-            result = _run(overhead.run(opts, Path(tmp), progress))
-        except asyncio.CancelledError:
-            console.print("[yellow]benchmark stopped; every process it started was stopped[/]")
-            sys.exit(130)
-        except harness.TargetError as exc:
-            console.print("[red]benchmark aborted:[/]")
-            # The message carries a process's log tail: print it verbatim, not as markup.
-            console.print(str(exc), markup=False, highlight=False)
-            sys.exit(1)
-    result = {"benchmark": "overhead",
-              "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-              "machine": machine_info(), **result}
+    result = _execute(console, "overhead",
+                      lambda tmp, progress: overhead.run(opts, tmp, progress))
     render(console, result)
     path = output or _default_output()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -340,22 +348,8 @@ def failover_command(
         first_byte_timeout=first_byte_timeout,
     )
 
-    def progress(message: str) -> None:
-        console.print(f"[dim]· {message}[/]")
-
-    with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
-        try:
-            result = _run(failover.run(opts, Path(tmp), progress))
-        except asyncio.CancelledError:
-            console.print("[yellow]benchmark stopped; every process it started was stopped[/]")
-            sys.exit(130)
-        except harness.TargetError as exc:
-            console.print("[red]benchmark aborted:[/]")
-            console.print(str(exc), markup=False, highlight=False)
-            sys.exit(1)
-    result = {"benchmark": "failover",
-              "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-              "machine": machine_info(), **result}
+    result = _execute(console, "failover",
+                      lambda tmp, progress: failover.run(opts, tmp, progress))
     failover.render(console, result)
     path = output or _dated_output("failover")
     path.parent.mkdir(parents=True, exist_ok=True)
