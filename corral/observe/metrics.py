@@ -246,8 +246,18 @@ class FleetCollector(Collector):
                                   labels=["priority"])
         for cls, n in self.fleet.queue.depth_by_class().items():
             depth.add_metric([cls], n)
+        jobs = GaugeMetricFamily("corral_jobs", "Batch jobs by state (queued and running "
+                                 "as last counted in the job store; busy workers here).",
+                                 labels=["state"])
+        service = getattr(self.fleet, "jobs", None)     # absent in a bare fleet view
+        counts: dict[str, Any] = service.status() if service is not None else {}
+        for state, key in (("queued", "queued"), ("running", "running"),
+                           ("worker_busy", "busy_workers")):
+            value = counts.get(key)
+            if isinstance(value, int):
+                jobs.add_metric([state], value)
         return [info, up, routable, in_flight, slots, models, loaded, vram, model_loaded,
-                depth]
+                depth, jobs]
 
 
 async def metrics_handler(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:

@@ -114,6 +114,7 @@ async def test_metrics_count_what_went_through(fleet: Any) -> None:
         assert sample(m, "corral_backend_model_loaded", backend=b, model="llama3.2:latest") == 1
         # llama3.2 is resident: its VRAM shows, as the stand-in's /api/ps reports it.
         assert sample(m, "corral_backend_vram_bytes", backend=b) > 0
+    assert sample(m, "corral_jobs", state="worker_busy") == 0
     assert sample(m, "corral_backend_model_loaded", backend="b1", model="mistral:7b") == 0
     assert (sample(m, "corral_tokens_total", client="anonymous", model="llama3.2:latest",
                    direction="out") or 0) >= 3
