@@ -17,24 +17,12 @@
 -- Job hashes and owner indexes are named from ARGV, not KEYS: on Redis Cluster the
 -- prefix must carry a hash tag, e.g. "{corral}:jobs:", so all keys share a slot.
 
-if redis.replicate_commands then redis.replicate_commands() end
+-- The shared prelude (replication mode, `now`, `int`, `floordiv`) is prepended when
+-- the script is loaded: corral/limits/storage/prelude.lua.
 
 local READY, DELAYED, RUNNING, PENDING, INDEX, SEQ =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local op, prefix = ARGV[2], ARGV[3]
-
--- Numbers go to Redis as integer text: tostring() keeps only 14 digits.
-local function int(x)
-  return string.format('%.0f', x)
-end
-
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
 
 local function jobkey(id) return prefix .. 'job:' .. id end
 local function ownerkey(owner) return prefix .. 'owner:' .. owner end

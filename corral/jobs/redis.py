@@ -51,7 +51,10 @@ _SUMMARY = ("id", "owner", "priority", "endpoint", "model", "status", "created",
 
 @cache
 def _script_text() -> str:
-    return files("corral.jobs").joinpath("jobs.lua").read_text(encoding="utf-8")
+    # The limiter scripts' prelude: one definition of the clock and integer helpers.
+    prelude = files("corral.limits.storage").joinpath("prelude.lua")
+    return (prelude.read_text(encoding="utf-8") + "\n"
+            + files("corral.jobs").joinpath("jobs.lua").read_text(encoding="utf-8"))
 
 
 def _opt_int(value: bytes | None) -> int | None:

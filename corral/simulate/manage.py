@@ -128,14 +128,22 @@ def _layer_steps(verb: str, info: ModelInfo) -> list[dict[str, Any]]:
     ]
 
 
+async def _progress_request(request: web.Request,
+                            kind: str) -> tuple[dict[str, Any], str, bool]:
+    """Body, model and stream flag of a pull/push/create request, checked as Ollama
+    checks them (Go type names in decoding errors, model name syntax)."""
+    body = await read_body(request, f"api.{kind}")
+    model = _model_field(body, kind)
+    stream = get_bool(body, "stream", kind) is not False
+    if not valid_name(model):
+        raise ApiError(400, "invalid model name")
+    return body, model, stream
+
+
 async def pull(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     try:
-        body = await read_body(request, "api.PullRequest")
-        model = _model_field(body, "PullRequest")
-        stream = get_bool(body, "stream", "PullRequest") is not False
-        if not valid_name(model):
-            raise ApiError(400, "invalid model name")
+        _, model, stream = await _progress_request(request, "PullRequest")
         info = engine.install(model)  # the fake registry has every model
         steps = [
             {"status": "pulling manifest"},
@@ -152,11 +160,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
 async def push(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     try:
-        body = await read_body(request, "api.PushRequest")
-        model = _model_field(body, "PushRequest")
-        stream = get_bool(body, "stream", "PushRequest") is not False
-        if not valid_name(model):
-            raise ApiError(400, "invalid model name")
+        _, model, stream = await _progress_request(request, "PushRequest")
         info = engine.find(model)
         if info is None:
             raise ApiError(404, f"model '{model}' not found")
@@ -174,12 +178,8 @@ async def push(request: web.Request) -> web.StreamResponse:
 async def create(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     try:
-        body = await read_body(request, "api.CreateRequest")
-        model = _model_field(body, "CreateRequest")
-        stream = get_bool(body, "stream", "CreateRequest") is not False
+        body, model, stream = await _progress_request(request, "CreateRequest")
         base = get_str(body, "from", "CreateRequest")
-        if not valid_name(model):
-            raise ApiError(400, "invalid model name")
         steps: list[dict[str, Any]] = []
         if base:
             parent = engine.find(base)

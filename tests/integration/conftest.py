@@ -15,13 +15,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from corral.simulate.server import RunningSim
 
 
 def free_port() -> int:
@@ -228,3 +230,23 @@ def start_redis(tmp_path: Path) -> Iterator[Any]:
     yield start
     for r in started:
         r.kill()
+
+
+MakeSim = Callable[..., Awaitable["RunningSim"]]
+
+
+@pytest.fixture
+async def make_sim() -> AsyncIterator[MakeSim]:
+    """Stand-in servers inside the test's own event loop (for the stand-in's tests)."""
+    from corral.simulate.server import SimConfig, start_sim
+
+    sims: list[RunningSim] = []
+
+    async def make(**kw: Any) -> RunningSim:
+        sim = await start_sim(SimConfig(port=0, **kw))
+        sims.append(sim)
+        return sim
+
+    yield make
+    for sim in sims:
+        await sim.stop()

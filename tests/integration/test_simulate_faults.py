@@ -11,25 +11,11 @@ import aiohttp
 import orjson
 import pytest
 
-from corral.simulate.server import RunningSim, SimConfig, start_sim
+from corral.simulate.server import RunningSim
+from tests.integration.conftest import MakeSim
 
-MakeSim = Callable[..., Awaitable[RunningSim]]
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
 OOM = "model requires more system memory (12.0 GiB) than is available (4.1 GiB)"
-
-
-@pytest.fixture
-async def make_sim() -> AsyncIterator[MakeSim]:
-    sims: list[RunningSim] = []
-
-    async def make(**kw: Any) -> RunningSim:
-        sim = await start_sim(SimConfig(port=0, **kw))
-        sims.append(sim)
-        return sim
-
-    yield make
-    for sim in sims:
-        await sim.stop()
 
 
 @pytest.fixture

@@ -18,23 +18,7 @@ import openai
 import orjson
 import pytest
 
-from corral.simulate.server import RunningSim, SimConfig, start_sim
-
-MakeSim = Callable[..., Awaitable[RunningSim]]
-
-
-@pytest.fixture
-async def make_sim() -> AsyncIterator[MakeSim]:
-    sims: list[RunningSim] = []
-
-    async def make(**kw: Any) -> RunningSim:
-        sim = await start_sim(SimConfig(port=0, **kw))
-        sims.append(sim)
-        return sim
-
-    yield make
-    for sim in sims:
-        await sim.stop()
+from tests.integration.conftest import MakeSim
 
 
 @pytest.fixture
