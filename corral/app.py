@@ -24,7 +24,8 @@ from corral import __version__
 from corral.backends.backend import Backend
 from corral.backends.breaker import Breaker
 from corral.backends.health import HealthMonitor
-from corral.config import BackendConfig, Settings
+from corral.config import BackendConfig, Settings, max_loaded_models
+from corral.fleet.state import Fleet
 from corral.jobs.api import ITEM_PREFIX as JOB_ITEM_PREFIX
 from corral.jobs.api import job_item, job_routes
 from corral.jobs.service import JobService
@@ -60,12 +61,14 @@ class Gateway:
     def __init__(self, settings: Settings, config_path: str | None = None) -> None:
         self.settings = settings
         self.config_path = config_path
-        self.backends = [self.new_backend(b) for b in settings.backends]
+        self.fleet = Fleet([self.new_backend(b) for b in settings.backends],
+                           settings.routing.load_time, max_loaded_models(settings))
         self.router = Router(settings.routing.strategy, settings.routing.prefer_loaded)
         self.queue = JobQueue(settings.queue.fairness)
         self.affinity = Affinity()
-        self.scheduler = Scheduler(self.backends, self.router, self.queue,
-                                   settings.queue.max_depth, settings.queue.max_wait)
+        self.scheduler = Scheduler(self.fleet, self.router, self.queue,
+                                   settings.queue.max_depth, settings.queue.max_wait,
+                                   max_preemptions=settings.queue.max_preemptions)
         self.configure(settings)
         self.access_log = AccessLog(settings.access_log)
         self.activity = Activity()
@@ -104,11 +107,15 @@ class Gateway:
         self.identifier = Identifier(settings)
         self.tiers = {name: (Priority.parse(t.priority), t.weight)
                       for name, t in settings.tiers.items()}
+        self.preemptible_tiers = frozenset(name for name, t in settings.tiers.items()
+                                           if t.is_preemptible)
         self.router.strategy = settings.routing.strategy
         self.router.prefer_loaded = settings.routing.prefer_loaded
+        self.fleet.default_load_time = settings.routing.load_time
         self.queue.fairness = settings.queue.fairness
         self.scheduler.max_depth = settings.queue.max_depth
         self.scheduler.max_wait = settings.queue.max_wait
+        self.scheduler.max_preemptions = settings.queue.max_preemptions
 
     # -- lifespan -------------------------------------------------------------------
 
@@ -122,7 +129,9 @@ class Gateway:
         self.pools = Pools(self.timeouts.connect or None)
         self.pools.start()
         self.health = HealthMonitor(self.backends, self.session, self.settings.health,
-                                    self.scheduler.dispatch)
+                                    self.scheduler.dispatch, self.fleet)
+        self.scheduler.on_loaded = self.health.probe_ps_soon
+        self.scheduler.on_preempt = self.metrics.preempted
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.health.timeout + 1):
                 await self.health.probe_all()
@@ -148,19 +157,21 @@ class Gateway:
         strip = _CREDENTIALS if client is not None and client.key_matched else frozenset()
         return request_headers(request.headers, strip)
 
+    @property
+    def backends(self) -> list[Backend]:
+        return self.fleet.backends
+
     def any_up(self) -> bool:
-        return any(b.up for b in self.backends)
+        return self.fleet.any_up()
 
     def fleet_has_model(self, model: str) -> bool:
-        return any(model in b.models for b in self.backends)
+        return self.fleet.has_model(model)
 
     def holders(self, model: str) -> list[Backend]:
-        now = time.monotonic()
-        return [b for b in self.backends if b.routable(now) and model in b.models]
+        return self.fleet.holders(model, time.monotonic())
 
     def up_backends(self) -> list[Backend]:
-        now = time.monotonic()
-        return [b for b in self.backends if b.routable(now)]
+        return self.fleet.up_backends(time.monotonic())
 
     def pick_any(self, backends: list[Backend] | None = None) -> Backend | None:
         pool = self.up_backends() if backends is None else backends
@@ -170,26 +181,10 @@ class Gateway:
         return pool[self._rr % len(pool)]
 
     def note_failure(self, backend: Backend, kind: str) -> None:
-        """Passive health: ``max_fails`` failures within ``fail_timeout`` take the
-        backend out for ``fail_timeout``, then one trial request decides. A fleet of
-        one backend is never taken out this way (as nginx): there is nowhere else to
-        send the work, and the active probes still see a dead backend."""
         self.metrics.upstream_error(backend.name, kind)
-        if len(self.backends) == 1:
-            return
-        if backend.breaker.on_failure(time.monotonic()):
-            # When the open period ends, jobs already waiting for this backend must
-            # get their trial at once, not at the next probe.
-            asyncio.get_running_loop().call_later(backend.breaker.fail_timeout + 0.01,
-                                                  self.scheduler.dispatch)
+        if self.scheduler.failed(backend):
             log.warning("backend %s taken out for %gs after failed requests (last: %s)",
                         backend.name, backend.breaker.fail_timeout, kind)
-
-    def note_success(self, backend: Backend, model: str) -> None:
-        backend.breaker.on_success()
-        if model not in backend.loaded:
-            # It ran, so it is resident now: prefer this backend before the next probe.
-            backend.loaded = backend.loaded | {model}
 
     # -- routing table --------------------------------------------------------------
 

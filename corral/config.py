@@ -78,6 +78,8 @@ class BackendConfig(_Model):
     name: str = ""
     max_concurrency: int = Field(1, ge=1, le=4096)
     weight: int = Field(1, ge=1, le=1000)
+    # OLLAMA_MAX_LOADED_MODELS of this backend; unset: learned from /api/ps.
+    max_loaded_models: int | None = Field(None, ge=1, le=1000)
 
     @field_validator("url")
     @classmethod
@@ -104,6 +106,15 @@ class RoutingConfig(_Model):
     strategy: Literal["least_conn", "round_robin", "random_two"] = "least_conn"
     prefer_loaded: bool = True
     affinity: Literal["none", "session"] = "none"
+    # A model's load time until one is measured (load_duration of Ollama's answers).
+    load_time: Duration = 10.0
+
+    @field_validator("load_time")
+    @classmethod
+    def _load_time(cls, value: float) -> float:
+        if not 0.1 <= value <= 3600:
+            raise ValueError(f"must be between 100ms and 1h, not {value:g}s")
+        return value
 
 
 class HealthConfig(_Model):
@@ -189,6 +200,14 @@ class KeyConfig(_Model):
 class TierConfig(_Model):
     priority: Literal["high", "normal", "low"] = "normal"
     weight: float = Field(1.0, gt=0, le=1_000_000)
+    # Whether a waiting job of a higher class may stop this tier's requests that have
+    # sent nothing to their client yet (they are requeued and run again in full).
+    # Unset: true for priority low, false otherwise.
+    preemptible: bool | None = None
+
+    @property
+    def is_preemptible(self) -> bool:
+        return self.priority == "low" if self.preemptible is None else self.preemptible
 
 
 class LimitRule(_Model):
@@ -263,6 +282,9 @@ class QueueConfig(_Model):
     max_depth: int = Field(1000, ge=0)
     max_wait: Duration = 120.0
     fairness: Literal["tokens", "requests", "fifo"] = "tokens"
+    # Times one request may be stopped and requeued for a higher class: bounded so
+    # that low-class work always finishes.
+    max_preemptions: int = Field(2, ge=0, le=100)
 
 
 class JobsConfig(_Model):
@@ -377,6 +399,11 @@ class Settings(_Model):
     @property
     def listen_host_port(self) -> tuple[str, int]:
         return _split_host_port(self.listen, "listen address")
+
+
+def max_loaded_models(settings: Settings) -> dict[str, int | None]:
+    """Each backend's configured ``max_loaded_models`` (None: learned from /api/ps)."""
+    return {b.name: b.max_loaded_models for b in settings.backends}
 
 
 class ConfigError(Exception):

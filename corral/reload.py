@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
-from corral.config import ConfigError, Settings, load_settings
+from corral.config import ConfigError, Settings, load_settings, max_loaded_models
 from corral.observe.accesslog import AccessLog
 from corral.pipeline.admit import Admission
 from corral.pipeline.errors import error_response
@@ -63,8 +63,7 @@ async def apply(gw: Gateway, new: Settings) -> list[str]:
         notes.append(f"backend {b.name} removed: draining {b.in_flight} in-flight request(s)")
 
     gw.configure(new)
-    gw.backends = kept + draining
-    gw.scheduler.set_backends(gw.backends)
+    gw.scheduler.set_backends(kept + draining, max_loaded_models(new))
     gw.health.cfg = new.health
     gw.health.set_backends(gw.backends)
     gw.pools.connect_timeout = gw.timeouts.connect or None
@@ -96,8 +95,7 @@ async def _retire(gw: Gateway, draining: list[Backend]) -> None:
         for b in [b for b in draining if b.in_flight == 0]:
             draining.remove(b)
             if b in gw.backends:
-                gw.backends = [x for x in gw.backends if x is not b]
-                gw.scheduler.set_backends(gw.backends)
+                gw.scheduler.set_backends([x for x in gw.backends if x is not b])
                 gw.health.set_backends(gw.backends)
                 gw.pools.drop(b.url)
             log.warning("backend %s drained and removed", b.name)

@@ -356,3 +356,39 @@ def failover_command(
     path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
                      + b"\n")
     console.print(f"results written to {path}")
+
+
+@bench_command.command("scheduler")
+@click.option("--scenario", "names", multiple=True,
+              type=click.Choice(["noisy", "priority", "preemption", "residency", "shift"]),
+              help="Run only these scenarios (repeat the option) [default: all five].")
+@click.option("--no-nginx", is_flag=True, help="Skip the nginx (least_conn, no queue) runs.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Where to write the JSON result [default: "
+                   "benchmarks/results/scheduler-<date>.json].")
+def scheduler_command(names: tuple[str, ...], no_nginx: bool, output: Path | None) -> None:
+    """How the scheduler treats people, GPUs and work, against nginx.
+
+    Five scenarios on stand-in fleets: a noisy neighbour, a person behind a low-class
+    flood of streams, a person behind non-streamed batch work (preemption), two models
+    each resident on one backend (no swap needed), and a demand shift from two models
+    to one. Per scenario and target: the interactive p95 against its ideal, the slots'
+    utilisation, the useful output (tokens delivered over the slots' capacity), model
+    loads and preemptions; Corral's figures are judged against the issue's goals.
+    """
+    from corral.bench import scheduler
+
+    console = Console(stderr=False)
+    use_nginx = not no_nginx
+    if use_nginx and harness.nginx_binary() is None:
+        console.print("[yellow]nginx is not installed: only Corral is measured[/]")
+        use_nginx = False
+    chosen = list(names) or ["noisy", "priority", "preemption", "residency", "shift"]
+    result = _execute(console, "scheduler",
+                      lambda tmp, progress: scheduler.run(chosen, use_nginx, tmp, progress))
+    scheduler.render(console, result)
+    path = output or _dated_output("scheduler")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+                     + b"\n")
+    console.print(f"results written to {path}")

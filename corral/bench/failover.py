@@ -92,7 +92,7 @@ def standin(workdir: Path, port: int, opts: Options,
     argv = [sys.executable, "-m", "corral.simulate", "--port", str(port),
             "--models", f"{MODEL}:latest", "--loaded", f"{MODEL}:latest",
             "--tps", f"{opts.tps:g}", "--parallel", str(opts.parallel)]
-    return harness._spawn(name, argv, port, workdir)
+    return harness.spawn(name, argv, port, workdir)
 
 
 def corral_config(port: int, urls: Sequence[str], opts: Options,
@@ -119,7 +119,7 @@ def corral(workdir: Path, backends: Sequence[Target], opts: Options,
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     argv = [sys.executable, "-m", "corral.cli", "serve", "--config", str(path),
             "--log-level", "warning"]
-    return harness._spawn("corral", argv, port, workdir)
+    return harness.spawn("corral", argv, port, workdir)
 
 
 async def _call(target: Target, method: str, path: str, body: Any = None) -> Any:

@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,7 +177,7 @@ async def _wait_ready(target: Target, within: float = 30.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _spawn(
+async def spawn(
     name: str, argv: list[str], port: int, workdir: Path, *, include_children: bool = False
 ) -> AsyncIterator[Target]:
     log = workdir / f"{name}.log"
@@ -209,7 +209,7 @@ def simulator(
         "--max-queue", str(max(512, parallel * 2)),
     ]
     argv += ["--instant"] if tps is None else ["--tps", str(tps)]
-    return _spawn(name, argv, port, workdir)
+    return spawn(name, argv, port, workdir)
 
 
 def corral(
@@ -230,7 +230,7 @@ def corral(
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     argv = [sys.executable, "-m", "corral.cli", "serve", "--config", str(path),
             "--log-level", "warning"]
-    return _spawn(name, argv, port, workdir)
+    return spawn(name, argv, port, workdir)
 
 
 def nginx_binary() -> str | None:
@@ -240,9 +240,14 @@ def nginx_binary() -> str | None:
     return None
 
 
-def nginx_config(prefix: Path, port: int, backend: Target, workers: str) -> str:
+def nginx_config(prefix: Path, port: int, backend: Target | Sequence[Target], workers: str,
+                 balance: str = "") -> str:
     """The proxy config an operator would write in front of Ollama: upstream keep-alive,
-    no buffering either way (tokens must flow as they are produced), long read timeout."""
+    no buffering either way (tokens must flow as they are produced), long read timeout.
+    ``balance`` is the upstream's method line (``least_conn``) for several backends."""
+    targets = [backend] if isinstance(backend, Target) else list(backend)
+    servers = "".join(f"        server {t.host}:{t.port};\n" for t in targets)
+    method = f"        {balance};\n" if balance else ""
     # Workers started by a root master drop to ``nobody``, which could not write the
     # temp paths in our private directory; as root, keep them as root.
     user = f"user {pwd.getpwuid(0).pw_name};\n" if os.geteuid() == 0 else ""
@@ -267,8 +272,7 @@ http {{
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
     upstream ollama {{
-        server {backend.host}:{backend.port};
-        keepalive 256;
+{method}{servers}        keepalive 256;
         # nginx closes a keep-alive connection after 1000 requests by default; Corral
         # and the load generator never do, so neither side pays for reconnects.
         keepalive_requests 1000000;
@@ -290,7 +294,8 @@ http {{
 
 
 def nginx(
-    workdir: Path, backend: Target, *, workers: str = "1", name: str = "nginx"
+    workdir: Path, backend: Target | Sequence[Target], *, workers: str = "1",
+    name: str = "nginx", balance: str = "",
 ) -> contextlib.AbstractAsyncContextManager[Target]:
     binary = nginx_binary()
     if binary is None:
@@ -298,8 +303,9 @@ def nginx(
     prefix = workdir / name
     (prefix / "tmp").mkdir(parents=True, exist_ok=True)
     port = free_port()
-    (prefix / "nginx.conf").write_text(nginx_config(prefix, port, backend, workers))
+    (prefix / "nginx.conf").write_text(nginx_config(prefix, port, backend, workers,
+                                                           balance))
     # -e: startup errors go to our directory too, not to the system's log.
     argv = [binary, "-p", str(prefix), "-e", str(prefix / "error.log"),
             "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"]
-    return _spawn(name, argv, port, workdir, include_children=True)
+    return spawn(name, argv, port, workdir, include_children=True)

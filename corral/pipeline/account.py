@@ -15,6 +15,8 @@ _NATIVE_IN = re.compile(rb'"prompt_eval_count"\s*:\s*(\d+)')
 _NATIVE_OUT = re.compile(rb'"eval_count"\s*:\s*(\d+)')
 _OPENAI_IN = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _OPENAI_OUT = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_LOAD_NS = re.compile(rb'"load_duration"\s*:\s*(\d+)')
+_EVAL_NS = re.compile(rb'"eval_duration"\s*:\s*(\d+)')
 
 TAIL_BYTES = 16384
 
@@ -53,3 +55,19 @@ def usage_from_tail(tail: bytes, openai: bool, chunks: int) -> Usage | None:
         # and the finish event and [DONE] carry no token; the final NDJSON line neither.
         return Usage(0, max(chunks // 2 - 2, 0) if openai else max(chunks - 1, 0), False)
     return None
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Ollama's own timings of a run, in seconds (None where the answer has none:
+    the /v1 layer drops them)."""
+
+    load_s: float | None
+    eval_s: float | None
+
+
+def timings_from_tail(tail: bytes) -> Timings:
+    """``load_duration`` and ``eval_duration`` (nanoseconds) of the final object: what
+    the fleet learns load times and decode speed from."""
+    load, ev = _last(_LOAD_NS, tail), _last(_EVAL_NS, tail)
+    return Timings(None if load is None else load / 1e9, None if ev is None else ev / 1e9)

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from corral.backends.backend import normalize_model
-from corral.pipeline.account import usage_from_tail
+from corral.backends.backend import Backend, normalize_model
+from corral.pipeline.account import timings_from_tail, usage_from_tail
 from corral.pipeline.admit import Verdict
 from corral.pipeline.affinity import session_key
 from corral.pipeline.errors import error_response, not_found_model
 from corral.pipeline.forward import RelayResult, UpstreamFailure, raw_drop_set, relay
 from corral.pipeline.identify import Client
-from corral.pipeline.upstream import Response, UpstreamError, encode_head
+from corral.pipeline.upstream import Interrupt, Response, UpstreamError, encode_head
 from corral.scheduler.queues import Job
 from corral.scheduler.slots import SchedulingError
 
@@ -125,6 +125,14 @@ def estimate_cost(path: str, data: dict[str, Any], body_len: int) -> float:
     return float(tokens_in + 2 * out)
 
 
+def num_ctx(data: dict[str, Any]) -> int | None:
+    """``options.num_ctx``: a runner loaded with another value must be reloaded."""
+    options = data.get("options")
+    value = options.get("num_ctx") if isinstance(options, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+        else None
+
+
 async def handle_inference(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     path = request.path
     openai = path.startswith("/v1/")
@@ -186,7 +194,10 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
 
     priority, weight = gw.tiers[client.tier]
     cost = 1.0 if gw.queue.fairness == "requests" else estimate_cost(path, data, len(body))
-    job = Job(model=name, client=client.name, priority=priority, weight=weight, cost=cost)
+    job = Job(model=name, client=client.name, priority=priority, weight=weight, cost=cost,
+              ctx=num_ctx(data), preemptible=client.tier in gw.preemptible_tiers,
+              tier=client.tier)
+    gw.fleet.on_arrival(name, started)
     session = None
     if gw.settings.routing.affinity == "session":
         session = session_key(name, data, request.headers)
@@ -196,9 +207,11 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
                        raw_drop_set(request.headers, client.key_matched))
     last_failure: UpstreamFailure | None = None
     attempt = 0
+    # Only a preemptible request gets a handle the scheduler can stop it with.
+    watch = Interrupt() if job.preemptible else None
     while True:
         try:
-            backend = await gw.scheduler.acquire(job, front=attempt > 0)
+            backend = await gw.scheduler.acquire(job, front=attempt > 0 or job.preemptions > 0)
         except SchedulingError as exc:
             rec["queue_wait_ms"] = round((time.monotonic() - started) * 1000, 3)
             if last_failure is not None:
@@ -207,18 +220,27 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
             rec["status"], rec["error"] = exc.status, str(exc)
             return error_response(exc.status, str(exc), openai,
                                   {"Retry-After": str(exc.retry_after)})
-        if attempt == 0:
+        if attempt == 0 and job.preemptions == 0:
             rec["queue_wait_ms"] = round((time.monotonic() - started) * 1000, 3)
-        rec["backend"] = backend.name
+        rec["backend"], rec["placement"] = backend.name, job.placement
+        job.run = watch
         try:
             try:
                 upstream = await gw.pools.get(backend.url).request(
-                    head, body, gw.timeouts.first_byte or None, gw.timeouts.read or None)
+                    head, body, gw.timeouts.first_byte or None, gw.timeouts.read or None,
+                    watch)
             except UpstreamError as exc:
+                if job.preempted:
+                    # Stopped for a higher class; its slot went to that job. Not a
+                    # failure of the backend: back to the front of its class.
+                    job.preempted = False
+                    rec["preemptions"] = job.preemptions
+                    rec["preempted_tokens"] = round(job.thrown_tokens)
+                    continue
                 raise UpstreamFailure(exc.kind, f"backend {backend.name}: {exc}",
                                       504 if exc.kind == "timeout" else 502) from None
         except UpstreamFailure as failure:
-            gw.scheduler.release(backend)
+            gw.scheduler.release(job)
             gw.note_failure(backend, failure.kind)
             last_failure, attempt = failure, attempt + 1
             if attempt < gw.settings.retry.tries and failure.kind in gw.retry_on:
@@ -230,11 +252,11 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
             return error_response(failure.status, str(failure), openai)
         except BaseException:
             # The client left while we waited for the header: the slot is not ours.
-            gw.scheduler.release(backend)
+            gw.scheduler.release(job)
             backend.breaker.on_abandon()
             raise
         if upstream.status not in gw.retry_on_status:
-            gw.note_success(backend, job.model)
+            gw.scheduler.answered(job)
             if session is not None:
                 gw.affinity.remember(session, backend.name)
             break
@@ -244,7 +266,7 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
         # A retryable status (e.g. 500 out of memory) before anything reached the
         # client: drop it and try another backend, keeping the job's place.
         upstream.close()
-        gw.scheduler.release(backend)
+        gw.scheduler.release(job)
         last_failure = UpstreamFailure("status", f"backend {backend.name} answered "
                                        f"{upstream.status}", upstream.status)
         attempt += 1
@@ -254,7 +276,7 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
     return await _stream(gw, request, job, backend, upstream, openai, rec)
 
 
-async def _stream(gw: Gateway, request: web.BaseRequest, job: Job, backend: Any,
+async def _stream(gw: Gateway, request: web.BaseRequest, job: Job, backend: Backend,
                   upstream: Response, openai: bool,
                   rec: dict[str, Any]) -> web.StreamResponse:
     result = RelayResult()
@@ -269,7 +291,9 @@ async def _stream(gw: Gateway, request: web.BaseRequest, job: Job, backend: Any,
             upstream.release()
         else:
             upstream.close()      # stops the generation on the backend
-        gw.scheduler.release(backend)
+        held = time.monotonic() - job.dispatched_at if job.dispatched_at else 0.0
+        loaded = job.placement == "load"
+        gw.scheduler.release(job)
         rec["bytes"] = result.nbytes
         if result.ttfb is not None:
             rec["ttfb_ms"] = round(result.ttfb * 1000, 3)
@@ -282,4 +306,9 @@ async def _stream(gw: Gateway, request: web.BaseRequest, job: Job, backend: Any,
                 rec["tokens_in"], rec["tokens_out"] = usage.tokens_in, usage.tokens_out
                 if gw.queue.fairness == "tokens":
                     gw.queue.charge(job, usage.service - job.cost)
+            if result.completed:
+                timing = timings_from_tail(result.tail)
+                gw.fleet.on_complete(backend, job.model, held_s=held, load_s=timing.load_s,
+                                     loaded=loaded, tokens_out=usage.tokens_out if usage else 0,
+                                     eval_s=timing.eval_s)
     return resp

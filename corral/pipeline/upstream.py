@@ -163,6 +163,28 @@ class _Conn(asyncio.Protocol):
         self._abort()
 
 
+class Interrupt:
+    """A handle on one request in flight, for the scheduler to stop it before any of
+    its answer has arrived (preemption). Set up only for preemptible requests."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self) -> None:
+        self.conn: _Conn | None = None
+
+    def interrupt(self) -> bool:
+        """Close the request's connection (the backend stops generating) and make its
+        caller see ``UpstreamError("preempted")``; False when the answer's header is
+        already in (its client may be getting bytes) or the request is not sent yet."""
+        conn = self.conn
+        if conn is None or conn.closed or conn.headers_done.done():
+            return False
+        conn._fail(UpstreamError("preempted", "stopped to give the slot to a "
+                                 "higher-priority request", True))
+        conn._abort()
+        return True
+
+
 class Response:
     """The backend's answer: status and headers now, body chunks as they come."""
 
@@ -314,15 +336,17 @@ class Pool:
         self._idle.clear()
 
     async def request(self, head: bytes, body: bytes, first_byte_timeout: float | None,
-                      read_timeout: float | None) -> Response:
+                      read_timeout: float | None, watch: Interrupt | None = None) -> Response:
         """Send ``head`` (request line and headers, without Host/Content-Length) and
-        ``body``; return once the response header is in."""
+        ``body``; return once the response header is in. ``watch`` lets the scheduler
+        stop the request until then."""
         conn = self._take_idle()
         reused = conn is not None
         if conn is None:
             conn = await self._connect()
         try:
-            return await self._exchange(conn, head, body, first_byte_timeout, read_timeout)
+            return await self._exchange(conn, head, body, first_byte_timeout, read_timeout,
+                                        watch)
         except UpstreamError as exc:
             # Only a pooled connection found closed is retried: a timeout means the
             # backend itself is slow, and waiting for it twice would double the wait.
@@ -331,12 +355,14 @@ class Pool:
                 raise
         # The idle connection had been closed by the backend: once more, fresh.
         conn = await self._connect()
-        return await self._exchange(conn, head, body, first_byte_timeout, read_timeout)
+        return await self._exchange(conn, head, body, first_byte_timeout, read_timeout, watch)
 
     async def _exchange(self, conn: _Conn, head: bytes, body: bytes,
                         first_byte_timeout: float | None,
-                        read_timeout: float | None) -> Response:
+                        read_timeout: float | None, watch: Interrupt | None) -> Response:
         assert conn.transport is not None
+        if watch is not None:
+            watch.conn = conn
         conn.transport.writelines((
             head, b"Host: ", self.host_header, b"\r\nContent-Length: ",
             str(len(body)).encode(), b"\r\n\r\n", body))
@@ -353,6 +379,10 @@ class Pool:
         finally:
             if timer is not None:
                 timer.cancel()
+            if watch is not None:
+                # The answer is coming (or the request is over): no longer stoppable,
+                # and the connection may go back to the pool for another request.
+                watch.conn = None
         return Response(conn, read_timeout)
 
 

@@ -39,6 +39,15 @@ class Stats:
     loads: int = 0
     evictions: int = 0  # unloaded to make room or for a reload
     unloads: int = 0  # expired or keep_alive 0
+    # Slot-seconds spent running requests (generation and prompt processing; a load
+    # is not busy time), kept as closed time plus the start times of open slots so
+    # that the figure at any instant costs O(1): closed + in_flight × now − Σ starts.
+    busy_closed: float = 0.0
+    busy_starts: float = 0.0
+
+    def busy_seconds(self, now: float | None = None) -> float:
+        t = time.monotonic() if now is None else now
+        return self.busy_closed + self.in_flight * t - self.busy_starts
 
     def reset(self) -> None:
         # Gauges describe requests still open, so they survive; maxima restart from them.
@@ -47,6 +56,10 @@ class Stats:
         self.requests = {}
         self.completed = self.cancelled = self.dropped = self.rejected = 0
         self.loads = self.evictions = self.unloads = 0
+        # Busy time restarts at zero; open slots count from now on. (A slot closed
+        # later subtracts its true start from both terms, which cancels out.)
+        self.busy_closed = 0.0
+        self.busy_starts = self.in_flight * time.monotonic()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +75,7 @@ class Stats:
             "loads": self.loads,
             "evictions": self.evictions,
             "unloads": self.unloads,
+            "busy_seconds": round(self.busy_seconds(), 6),
         }
 
 
@@ -334,12 +348,13 @@ class SimEngine:
 class Ticket:
     """One inference request's passage through the scheduler, kept in the stats."""
 
-    __slots__ = ("_engine", "_has_slot", "_open", "runner")
+    __slots__ = ("_engine", "_has_slot", "_open", "_slot_since", "runner")
 
     def __init__(self, engine: SimEngine) -> None:
         self._engine = engine
         self.runner: Runner | None = None
         self._has_slot = False
+        self._slot_since = 0.0
         self._open = True
         s = engine.stats
         s.waiting += 1
@@ -354,9 +369,11 @@ class Ticket:
         assert self.runner is not None
         await self.runner.slots.acquire()
         self._has_slot = True
+        self._slot_since = time.monotonic()
         s = self._engine.stats
         s.waiting -= 1
         s.in_flight += 1
+        s.busy_starts += self._slot_since
         if s.in_flight > s.max_in_flight:
             s.max_in_flight = s.in_flight
 
@@ -369,6 +386,8 @@ class Ticket:
         if self._has_slot:
             self._has_slot = False
             s.in_flight -= 1
+            s.busy_starts -= self._slot_since
+            s.busy_closed += time.monotonic() - self._slot_since
             assert self.runner is not None
             self.runner.slots.release()
         else:

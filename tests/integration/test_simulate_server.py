@@ -347,3 +347,28 @@ async def test_cli_serves_until_sigterm() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_generation_stops_when_the_client_leaves(make_sim: MakeSim, stream: bool) -> None:
+    """Ollama stops generating when its client goes away, streamed or not: the slot is
+    free at once and the work done so far is all the busy time there is."""
+    sim = await make_sim(models=("llama3.2",), loaded=("llama3.2",), tokens_per_second=100.0)
+    body = {"model": "llama3.2", "prompt": "x", "stream": stream,
+            "options": {"num_predict": 300}}                      # 3 s of work
+    async with aiohttp.ClientSession() as http:
+        async def ask() -> None:
+            async with http.post(sim.url + "/api/generate", json=body) as resp:
+                await resp.read()
+
+        task = asyncio.create_task(ask())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    deadline = time.monotonic() + 2
+    while sim.state.stats.cancelled < 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    stats = sim.state.stats
+    assert (stats.cancelled, stats.completed, stats.in_flight) == (1, 0, 0)
+    assert stats.busy_seconds() < 1.0

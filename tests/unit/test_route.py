@@ -1,4 +1,4 @@
-"""Backend choice: only eligible backends, resident model preferred, least loaded."""
+"""Picking among equally good backends: affinity under a load bound, then the strategy."""
 
 import random
 
@@ -20,45 +20,26 @@ def test_normalize_model() -> None:
     assert normalize_model("localhost:5000/x") == "localhost:5000/x:latest"
 
 
-def test_only_backends_with_model_and_free_slot() -> None:
-    r = Router()
-    full = _b("full", in_flight=1)
-    other = _b("other", models=("x:latest",))
-    down = _b("down", up=False)
-    assert r.choose([full, other, down], "m:latest", now=0) is None
-    ok = _b("ok")
-    assert r.choose([full, other, down, ok], "m:latest", now=0) is ok
-
-
-def test_prefers_resident_model_over_idle_backend() -> None:
-    r = Router()
-    cold = _b("cold", slots=4)
-    warm = _b("warm", slots=4, loaded=("m:latest",), in_flight=2)
-    assert r.choose([cold, warm], "m:latest", now=0) is warm
-    assert Router(prefer_loaded=False).choose([cold, warm], "m:latest", now=0) is cold
-
-
 def test_least_conn_relative_to_slots_and_round_robin_ties() -> None:
     r = Router("least_conn")
     big = _b("big", slots=4, in_flight=1)     # 25 % busy
     small = _b("small", slots=2, in_flight=1)  # 50 % busy
-    assert r.choose([small, big], "m:latest", now=0) is big
+    assert r.pick([small, big]) is big
     a, b = _b("a", slots=2), _b("b", slots=2)
-    picks = {r.choose([a, b], "m:latest", now=0).name for _ in range(4)}  # type: ignore[union-attr]
+    picks = {r.pick([a, b]).name for _ in range(4)}
     assert picks == {"a", "b"}
 
 
-def test_excluded_and_failed_backends_are_skipped() -> None:
+def test_session_affinity_only_under_a_load_bound() -> None:
     r = Router()
-    a, b = _b("a"), _b("b")
-    b.breaker.max_fails, b.breaker.fail_timeout = 1, 10.0
-    b.breaker.on_failure(0.0)
-    assert r.choose([a, b], "m:latest", now=5, exclude=frozenset({"a"})) is None
-    assert r.choose([a, b], "m:latest", now=11, exclude=frozenset({"a"})) is b
+    a, b = _b("a", slots=4, in_flight=1), _b("b", slots=4, in_flight=0)
+    assert r.pick([a, b], affinity="a") is a          # a quarter busy: still its home
+    a.in_flight = 3
+    assert r.pick([a, b], affinity="a") is b          # most of it busy: elsewhere
 
 
 def test_random_two_picks_less_loaded() -> None:
     r = Router("random_two", rng=random.Random(1))
     a = _b("a", slots=10, in_flight=9)
     b = _b("b", slots=10, in_flight=0)
-    assert all(r.choose([a, b], "m:latest", now=0) is b for _ in range(10))
+    assert all(r.pick([a, b]) is b for _ in range(10))

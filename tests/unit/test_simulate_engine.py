@@ -298,3 +298,34 @@ def test_initially_loaded_models_are_installed_and_listed_in_order() -> None:
     order = sorted(engine.installed.values(), key=lambda e: e.modified_ns, reverse=True)
     assert [e.info.name for e in order] == ["a:latest", "b:latest", "z:latest"]
     assert engine.runners["z:latest"].expires_mono > time.monotonic()
+
+
+def test_busy_seconds_integrate_open_and_closed_slots() -> None:
+    from corral.simulate.engine import Stats
+
+    s = Stats()
+    # Two slots open at t=10 and t=12, the first closed at t=15: busy at t=16 is
+    # 5 (closed) + 4 (still open) slot-seconds.
+    s.in_flight, s.busy_starts = 2, 10.0 + 12.0
+    s.in_flight, s.busy_starts, s.busy_closed = 1, 12.0, 5.0
+    assert s.busy_seconds(16.0) == pytest.approx(9.0)
+
+
+async def test_ticket_busy_time_counts_only_slot_time() -> None:
+    engine = _engine(parallel=1)
+    a = engine.find("a")
+    assert a is not None
+    t = Ticket(engine)
+    await t.load(a, None, 4096)
+    await asyncio.sleep(0.05)           # waiting for a slot is not busy
+    assert engine.stats.busy_seconds() == 0.0
+    await t.slot()
+    await asyncio.sleep(0.05)
+    t.close("completed")
+    busy = engine.stats.busy_seconds()
+    assert 0.04 <= busy < 0.5
+    await asyncio.sleep(0.02)
+    assert engine.stats.busy_seconds() == busy      # nothing open: it stays put
+    engine.stats.reset()
+    assert engine.stats.busy_seconds() == 0.0
+    await engine.close()

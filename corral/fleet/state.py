@@ -1,0 +1,286 @@
+"""The fleet as Corral knows it: one ``Fleet`` object, the only writer of residency.
+
+Residency (which models each backend holds) comes from two sources, merged here:
+
+- ``/api/ps`` on every probe (and right after Corral caused a load, to see what the
+  load evicted): the backend's own word, with each runner's context length;
+- what Corral itself sends and sees, at once: a request for M dispatched to B as a
+  load makes M *loading* on B (and the runner Ollama will evict for it gone); an
+  answer from B for M makes M resident on B.
+
+Learned figures: each model's load time on each backend (from ``load_duration`` of
+answers that loaded it; ``routing.load_time`` until then), each model's service time
+(how long a request holds a slot once the model is in), its decode speed, and its
+recent demand (arrivals per second, queued, running). Everything is mutated from
+the event loop only, and nothing here reads the clock: ``now`` is a parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from corral.backends.backend import Backend, normalize_model
+from corral.fleet.estimates import ArrivalRate, Ewma
+
+# A model's service time before any was measured: a conservative guess (it only
+# matters for the first few requests of a model, which also teach the real figure).
+DEFAULT_SERVICE_S = 1.0
+
+
+@dataclass(slots=True)
+class Runner:
+    """A model resident on a backend (or being loaded there)."""
+
+    model: str
+    ctx: int | None            # context length (``/api/ps`` context_length); None: unknown
+    ready_at: float            # when it is (or was) ready; later than now while loading
+    loaded_at: float           # when Corral first saw it ready (the no-flap guard)
+    running: int = 0           # Corral's requests for this model running there now
+    last_used: float = 0.0
+    # True while Corral itself caused the load and has not yet seen it answered.
+    loading: bool = False
+
+    def fits(self, ctx: int | None) -> bool:
+        """A request with this ``num_ctx`` runs on this runner without a reload."""
+        return ctx is None or self.ctx is None or ctx == self.ctx
+
+
+@dataclass(slots=True)
+class Holding:
+    """What one backend holds, and what was learned about it."""
+
+    runners: dict[str, Runner] = field(default_factory=dict)
+    max_models: int | None = None   # configured max_loaded_models
+    seen_max: int = 0               # most runners /api/ps ever listed at once
+    load_times: dict[str, Ewma] = field(default_factory=dict)
+    ps_trusted: bool = True         # False once /api/ps failed or lacked fields
+
+    def capacity(self) -> int:
+        """How many models the backend holds at once: configured, else the most it
+        was seen holding (at least one) — an underestimate at worst, which makes a
+        load look like it evicts something when it might not: the safe side."""
+        if self.max_models is not None:
+            return self.max_models
+        return max(self.seen_max, 1)
+
+
+@dataclass(slots=True)
+class ModelStats:
+    """Fleet-wide figures of one model."""
+
+    arrivals: ArrivalRate = field(default_factory=ArrivalRate)
+    service: Ewma = field(default_factory=Ewma)       # seconds a request holds a slot
+    decode: Ewma = field(default_factory=Ewma)        # tokens per second generated
+    queued: int = 0
+    running: int = 0
+
+
+class Fleet:
+    def __init__(self, backends: Sequence[Backend], default_load_time: float,
+                 max_models: dict[str, int | None] | None = None) -> None:
+        self.default_load_time = default_load_time
+        self.backends: list[Backend] = []
+        self._held: dict[int, Holding] = {}
+        self.models: dict[str, ModelStats] = {}
+        self.set_backends(backends, max_models or {})
+
+    # -- the backends ----------------------------------------------------------------
+
+    def set_backends(self, backends: Sequence[Backend],
+                     max_models: dict[str, int | None] | None = None) -> None:
+        """Adopt a new list (reload): kept backends keep what was learned about them."""
+        self.backends = list(backends)
+        held = {}
+        for b in self.backends:
+            h = self._held.get(id(b)) or Holding()
+            if max_models is not None and b.name in max_models:
+                h.max_models = max_models[b.name]
+            held[id(b)] = h
+        self._held = held
+
+    def holding(self, b: Backend) -> Holding:
+        return self._held[id(b)]
+
+    def model(self, name: str) -> ModelStats:
+        stats = self.models.get(name)
+        if stats is None:
+            stats = self.models[name] = ModelStats()
+        return stats
+
+    def any_up(self) -> bool:
+        return any(b.up for b in self.backends)
+
+    def has_model(self, model: str) -> bool:
+        return any(model in b.models for b in self.backends)
+
+    def up_backends(self, now: float) -> list[Backend]:
+        return [b for b in self.backends if b.routable(now)]
+
+    def holders(self, model: str, now: float) -> list[Backend]:
+        return [b for b in self.backends if b.routable(now) and model in b.models]
+
+    # -- what each holds -------------------------------------------------------------
+
+    def runner(self, b: Backend, model: str) -> Runner | None:
+        return self._held[id(b)].runners.get(model)
+
+    def resident(self, b: Backend, model: str, ctx: int | None) -> Runner | None:
+        """The runner that would serve ``model`` with ``ctx`` on ``b`` without a load."""
+        r = self._held[id(b)].runners.get(model)
+        return r if r is not None and r.fits(ctx) else None
+
+    def victims(self, b: Backend, model: str) -> list[Runner]:
+        """What Ollama evicts on ``b`` to load ``model``: nothing while it has room; a
+        runner of the same model with another context length (a reload); else one
+        runner, as Ollama picks it — an idle one first (the least recently used
+        here: the keep-alive order Ollama uses is not visible), else a busy one,
+        whose requests the load then waits for."""
+        h = self._held[id(b)]
+        same = h.runners.get(model)
+        if same is not None:
+            return [same]
+        if len(h.runners) < h.capacity():
+            return []
+        others = sorted(h.runners.values(), key=lambda r: (r.running > 0 or r.loading,
+                                                          r.last_used))
+        return others[:1]
+
+    def load_time(self, b: Backend, model: str) -> float:
+        e = self._held[id(b)].load_times.get(model)
+        return self.default_load_time if e is None else e.get(self.default_load_time)
+
+    def service_time(self, model: str) -> float:
+        stats = self.models.get(model)
+        return DEFAULT_SERVICE_S if stats is None else stats.service.get(DEFAULT_SERVICE_S)
+
+    def demand(self, model: str, now: float) -> float:
+        stats = self.models.get(model)
+        return 0.0 if stats is None else stats.arrivals.rate(now)
+
+    def resident_slots(self, model: str, ctx: int | None, now: float,
+                       exclude: frozenset[str] = frozenset()) -> int:
+        """Slots of routable backends where ``model`` is resident and ready."""
+        n = 0
+        for b in self.backends:
+            if b.name in exclude or not b.routable(now):
+                continue
+            r = self._held[id(b)].runners.get(model)
+            if r is not None and r.fits(ctx) and r.ready_at <= now:
+                n += b.max_concurrency
+        return n
+
+    def copies(self, model: str, now: float) -> int:
+        """Routable backends holding ``model`` (ready or loading)."""
+        return sum(1 for b in self.backends
+                   if b.routable(now) and model in self._held[id(b)].runners)
+
+    # -- what Corral learns ----------------------------------------------------------
+
+    def observe_ps(self, b: Backend, entries: Iterable[dict[str, object]],
+                   now: float) -> bool:
+        """The backend's ``/api/ps``; False when its entries lack what residency needs
+        (the caller warns once; Corral's own observations stay in force)."""
+        h = self._held[id(b)]
+        seen: dict[str, int | None] = {}
+        complete = True
+        for e in entries:
+            name = e.get("name") or e.get("model")
+            if not isinstance(name, str) or not name:
+                complete = False
+                continue
+            ctx = e.get("context_length")
+            seen[normalize_model(name)] = ctx if isinstance(ctx, int) and ctx > 0 else None
+        runners: dict[str, Runner] = {}
+        for model, ctx in seen.items():
+            r = h.runners.get(model)
+            if r is None or (ctx is not None and r.ctx is not None and r.ctx != ctx):
+                r = Runner(model, ctx, now, now, last_used=now)
+            elif ctx is not None:
+                r.ctx = ctx
+            runners[model] = r
+        # A load Corral started and has not seen finish yet stays: /api/ps may list it
+        # only once it is in (the stand-in does; Ollama lists it while loading).
+        for model, r in h.runners.items():
+            if model not in runners and (r.loading or r.running > 0):
+                runners[model] = r
+        h.runners = runners
+        h.seen_max = max(h.seen_max, len(seen))
+        h.ps_trusted = complete
+        self._mirror(b, h)
+        return complete
+
+    def on_arrival(self, model: str, now: float) -> None:
+        self.model(model).arrivals.add(now)
+
+    def on_dispatch(self, b: Backend, model: str, ctx: int | None, now: float,
+                    load: bool) -> None:
+        """A request for ``model`` takes a slot on ``b``. As a load, the runners
+        Ollama will evict for it are gone from Corral's view at once (so nothing
+        more is routed to them) and the model is loading there."""
+        h = self._held[id(b)]
+        r = h.runners.get(model)
+        if load or r is None or not r.fits(ctx):
+            for victim in self.victims(b, model):
+                h.runners.pop(victim.model, None)
+            running = r.running if r is not None and r.fits(ctx) else 0
+            r = Runner(model, ctx, now + self.load_time(b, model), now, running=running,
+                       loading=True)
+            h.runners[model] = r
+            self._mirror(b, h)
+        r.running += 1
+        r.last_used = now
+        self.model(model).running += 1
+
+    def on_release(self, b: Backend, model: str, now: float) -> None:
+        h = self._held.get(id(b))
+        r = h.runners.get(model) if h is not None else None
+        if r is not None and r.running > 0:
+            r.running -= 1
+            r.last_used = now
+        stats = self.models.get(model)
+        if stats is not None and stats.running > 0:
+            stats.running -= 1
+
+    def on_ready(self, b: Backend, model: str, ctx: int | None, now: float) -> bool:
+        """``b`` answered a request for ``model``: it is resident and ready there now.
+        True when that is news (a load Corral caused, or one it did not know of)."""
+        h = self._held.get(id(b))
+        if h is None:
+            return False
+        r = h.runners.get(model)
+        if r is not None and r.fits(ctx) and not r.loading:
+            return False
+        if r is None or not r.fits(ctx):
+            r = Runner(model, ctx, now, now, last_used=now)
+            h.runners[model] = r
+        r.loading = False
+        r.ready_at = r.loaded_at = now
+        self._mirror(b, h)
+        return True
+
+    def on_complete(self, b: Backend, model: str, *, held_s: float, load_s: float | None,
+                    loaded: bool, tokens_out: int, eval_s: float | None) -> None:
+        """A request ended with an answer: learn its service time, load time and
+        decode speed. ``load_s`` is Ollama's ``load_duration``; it counts as a load
+        time sample only when the request did load the model."""
+        stats = self.model(model)
+        if loaded and load_s is not None and load_s > 0:
+            h = self._held.get(id(b))
+            if h is not None:
+                h.load_times.setdefault(model, Ewma(alpha=0.3)).add(load_s)
+        service = held_s - (load_s or 0.0) if loaded else held_s
+        if service > 0:
+            stats.service.add(service)
+        if eval_s is not None and eval_s > 0 and tokens_out > 0:
+            stats.decode.add(tokens_out / eval_s)
+
+    def on_queue(self, model: str, delta: int) -> None:
+        stats = self.model(model)
+        stats.queued = max(0, stats.queued + delta)
+
+    @staticmethod
+    def _mirror(b: Backend, h: Holding) -> None:
+        # ``Backend.loaded`` is the read-only view the status page, metrics and the
+        # router read: the models ready or loading there.
+        b.loaded = frozenset(h.runners)
