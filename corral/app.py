@@ -255,6 +255,9 @@ class Gateway:
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
+        fleet = self.fleet.snapshot(now)
+        held: dict[str, Any] = fleet["backends"]  # type: ignore[assignment]
+        sched = self.scheduler
         return {
             "version": __version__,
             "uptime_s": round(time.time() - self.started, 1),
@@ -266,9 +269,16 @@ class Gateway:
                     "loaded": sorted(b.loaded),
                     "last_error": self.health.states[b.name].last_error
                     if b.name in self.health.states else None,
+                    **held.get(b.name, {}),
+                    "rent_s": round(sched.rent.accrued(b), 3),
                 }
                 for b in self.backends
             ],
+            "models": fleet["models"],
+            "scheduler": {"dispatched": sched.dispatched, "loads": sched.loads,
+                          "preemptions": sched.preemptions,
+                          "default_load_time_s": fleet["default_load_time_s"],
+                          "max_preemptions": sched.max_preemptions},
             "queue": {"depth": len(self.queue), "by_class": self.queue.depth_by_class(),
                       "max_depth": self.settings.queue.max_depth},
         }

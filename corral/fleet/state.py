@@ -284,3 +284,42 @@ class Fleet:
         # ``Backend.loaded`` is the read-only view the status page, metrics and the
         # router read: the models ready or loading there.
         b.loaded = frozenset(h.runners)
+
+    # -- what is shown ---------------------------------------------------------------
+
+    def snapshot(self, now: float) -> dict[str, object]:
+        """Everything above as JSON-ready data (``/corral/status``, the dashboard,
+        ``corral status``): per backend what it holds, per model its figures."""
+        backends = {}
+        for b in self.backends:
+            h = self._held[id(b)]
+            backends[b.name] = {
+                "max_models": h.capacity(),
+                "max_models_from": "config" if h.max_models is not None else "learned",
+                "ps_trusted": h.ps_trusted,
+                "holds": [{
+                    "model": r.model, "state": "loading" if r.loading else "ready",
+                    "context_length": r.ctx, "running": r.running,
+                    "load_time_s": round(self.load_time(b, r.model), 3),
+                    "load_time_learned": r.model in h.load_times,
+                    "resident_for_s": round(max(now - r.loaded_at, 0.0), 1),
+                } for r in sorted(h.runners.values(), key=lambda r: r.model)],
+                "load_times_s": {m: round(e.get(self.default_load_time), 3)
+                                 for m, e in sorted(h.load_times.items())},
+            }
+        models = []
+        for name in sorted(self.models):
+            stats = self.models[name]
+            models.append({
+                "model": name,
+                "demand_per_s": round(stats.arrivals.rate(now), 3),
+                "queued": stats.queued, "running": stats.running,
+                "service_s": None if stats.service.value is None
+                else round(stats.service.value, 3),
+                "decode_tokens_per_s": None if stats.decode.value is None
+                else round(stats.decode.value, 1),
+                "resident_on": [b.name for b in self.backends
+                                if name in self._held[id(b)].runners],
+            })
+        return {"default_load_time_s": self.default_load_time, "backends": backends,
+                "models": models}

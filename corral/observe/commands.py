@@ -103,10 +103,30 @@ def summary_line(status: dict[str, Any]) -> Text:
     return text
 
 
+def holds_text(b: dict[str, Any]) -> str:
+    """What a backend holds: each resident model with its state, the requests running
+    on it and its load time there (``*``: measured, else the configured default)."""
+    holds = b.get("holds")
+    if holds is None:
+        return ", ".join(b.get("loaded", [])) or "–"
+    parts = []
+    for h in holds:
+        text = h["model"]
+        if h.get("state") == "loading":
+            text += " (loading)"
+        elif h.get("running"):
+            text += f" ×{h['running']}"
+        text += f" {h.get('load_time_s', 0):g}s" + ("*" if h.get("load_time_learned") else "")
+        parts.append(text)
+    room = b.get("max_models")
+    return (", ".join(parts) or "–") + (f"  [{len(holds)}/{room}]" if room else "")
+
+
 def backends_table(status: dict[str, Any]) -> Table:
     table = Table(title="Backends", title_justify="left", expand=False)
     columns: tuple[tuple[str, JustifyMethod], ...] = (
-        ("backend", "left"), ("state", "left"), ("slots", "right"), ("loaded", "left"),
+        ("backend", "left"), ("state", "left"), ("slots", "right"),
+        ("holds (running, load time; * measured)", "left"),
         ("models", "right"), ("TTFB p50 1m", "right"), ("req 1m", "right"),
         ("last error", "left"))
     for name, justify in columns:
@@ -116,12 +136,34 @@ def backends_table(status: dict[str, Any]) -> Table:
         table.add_row(
             b.get("name", "?"), Text(word, style=style),
             f"{b.get('in_flight', 0)}/{b.get('slots', 0)}",
-            ", ".join(b.get("loaded", [])) or "–",
+            holds_text(b),
             str(len(b.get("models", []))),
             _ms(b.get("ttfb_p50_ms_1m")),
             str(b.get("requests_1m", 0)),
             Text(b.get("last_error") or "", style="red"),
         )
+    return table
+
+
+def models_table(status: dict[str, Any]) -> Table | None:
+    models = status.get("models") or []
+    if not models:
+        return None
+    sched = status.get("scheduler") or {}
+    title = (f"Models · {sched.get('loads', 0)} loads, "
+             f"{sched.get('preemptions', 0)} preemptions so far")
+    table = Table(title=title, title_justify="left")
+    table.add_column("model")
+    for name in ("demand /s", "queued", "running", "service", "tokens/s", "resident on"):
+        table.add_column(name, justify="right" if name != "resident on" else "left")
+    for m in models:
+        service = m.get("service_s")
+        decode = m.get("decode_tokens_per_s")
+        table.add_row(str(m.get("model")), f"{m.get('demand_per_s', 0):.2f}",
+                      str(m.get("queued", 0)), str(m.get("running", 0)),
+                      "–" if service is None else f"{service:.2f} s",
+                      "–" if decode is None else f"{decode:.0f}",
+                      ", ".join(m.get("resident_on") or []) or "–")
     return table
 
 
@@ -158,7 +200,7 @@ def rejections_table(status: dict[str, Any]) -> Table | None:
 
 def render_status(status: dict[str, Any]) -> Group:
     parts: list[RenderableType] = [summary_line(status), backends_table(status)]
-    for table in (clients_table(status), rejections_table(status)):
+    for table in (models_table(status), clients_table(status), rejections_table(status)):
         if table is not None:
             parts.append(table)
     return Group(*parts)

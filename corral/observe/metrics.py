@@ -33,6 +33,7 @@ from corral.scheduler.queues import Job, Priority
 
 if TYPE_CHECKING:
     from corral.app import Gateway
+    from corral.fleet.state import Fleet
 
 # From a few milliseconds (a warm embedding) to ten minutes (a long generation, or a
 # cold load of a large model before the first token).
@@ -203,12 +204,10 @@ class Metrics:
         self.retries.labels(backend).inc()
 
     def preempted(self, job: Job, thrown_tokens: float) -> None:
-        self.preemptions.labels(self.tier_of(job)).inc()
+        """The scheduler stopped ``job`` for a higher class (its tier is configured)."""
+        self.preemptions.labels(job.tier or OTHER).inc()
         if thrown_tokens > 0:
             self.preempted_tokens.labels(self.model_label(job.model)).inc(thrown_tokens)
-
-    def tier_of(self, job: Job) -> str:
-        return job.tier or OTHER
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The registry in the format the scraper asked for, and its content type."""
@@ -278,7 +277,40 @@ class FleetCollector(Collector):
             if isinstance(value, int):
                 jobs.add_metric([state], value)
         return [info, up, routable, in_flight, slots, models, loaded, vram, model_loaded,
-                depth, jobs]
+                depth, jobs, *self._knowledge(now)]
+
+    def _knowledge(self, now: float) -> list[Metric]:
+        """What the scheduler has learned about the fleet (absent in a bare view)."""
+        known: Fleet | None = getattr(self.fleet, "fleet", None)
+        if known is None:
+            return []
+        demand = GaugeMetricFamily(
+            "corral_model_demand", "Recent requests per second for the model.",
+            labels=["model"])
+        queued = GaugeMetricFamily("corral_model_queued",
+                                   "Requests for the model waiting for a slot.",
+                                   labels=["model"])
+        running = GaugeMetricFamily("corral_model_running",
+                                    "Requests for the model running on a backend.",
+                                    labels=["model"])
+        service = GaugeMetricFamily(
+            "corral_model_service_seconds",
+            "Learned time a request for the model holds a slot once the model is in.",
+            labels=["model"])
+        load = GaugeMetricFamily(
+            "corral_backend_model_load_seconds",
+            "Time to load the model on the backend: measured (load_duration of the "
+            "answers that loaded it), else routing.load_time.", labels=["backend", "model"])
+        for name, stats in known.models.items():
+            demand.add_metric([name], stats.arrivals.rate(now))
+            queued.add_metric([name], stats.queued)
+            running.add_metric([name], stats.running)
+            if stats.service.value is not None:
+                service.add_metric([name], stats.service.value)
+        for b in known.backends:
+            for model in sorted(b.models | b.loaded):
+                load.add_metric([b.name, model], known.load_time(b, model))
+        return [demand, queued, running, service, load]
 
 
 async def metrics_handler(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:

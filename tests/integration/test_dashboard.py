@@ -230,6 +230,16 @@ async def test_dashboard_shows_the_fleet_and_updates_live(chromium: str, fleet: 
                 "document.getElementById('rejections').innerText.includes('503')")
             await browser.wait_for(
                 "document.getElementById('clients').innerText.includes('alice')")
+            # What Corral knows of the fleet: the model's demand and where it is
+            # resident, and each backend's resident model with its load time.
+            await browser.wait_for(
+                "document.getElementById('models').innerText.includes('llama3.2:latest')")
+            models = await browser.eval("document.getElementById('models').innerText")
+            assert "gpu-alpha" in models and "gpu-beta" in models, models
+            titles = await browser.eval(
+                "[...document.querySelectorAll('[data-backend] .chip.loaded')]"
+                ".map(e => e.title)")
+            assert len(titles) == 2 and all("load 10 s (default)" in t for t in titles), titles
 
             # Steady traffic while the screenshot is taken, so the page shows work:
             # four clients on two slots keep two requests waiting.

@@ -187,3 +187,29 @@ def test_records_are_handed_to_the_activity_window() -> None:
     m.observe_request(record(), Priority.NORMAL)
     activity.sample(10.0, 1000.0, {"high": 0, "normal": 0, "low": 0}, {"gpu0": 0})
     assert activity.totals["requests"] == 1
+
+
+def test_scheduler_knowledge_and_preemptions_are_exported() -> None:
+    from corral.fleet.state import Fleet as Knowledge
+
+    view = fleet()
+    known = Knowledge(view.backends, 10.0)
+    known.observe_ps(view.backends[0], [{"name": "llama3.2:latest"}], now=0.0)
+    known.on_arrival("llama3.2:latest", 1.0)
+    known.on_queue("llama3.2:latest", 3)
+    known.on_complete(view.backends[0], "llama3.2:latest", held_s=2.5, load_s=2.0,
+                      loaded=True, tokens_out=10, eval_s=0.5)
+    view.fleet = known  # type: ignore[attr-defined]
+    m = Metrics(view)
+    assert value(m, "corral_model_queued", model="llama3.2:latest") == 3
+    assert value(m, "corral_model_service_seconds", model="llama3.2:latest") == 0.5
+    assert value(m, "corral_backend_model_load_seconds", backend="gpu0",
+                 model="llama3.2:latest") == 2.0
+    assert value(m, "corral_backend_model_load_seconds", backend="gpu1",
+                 model="mistral:7b") == 10.0
+    job = Job("llama3.2:latest", tier="batch")
+    m.preempted(job, 42.0)
+    m.observe_request(record(placement="load"), Priority.NORMAL)
+    assert value(m, "corral_preemptions_total", tier="batch") == 1
+    assert value(m, "corral_preempted_tokens_total", model="llama3.2:latest") == 42.0
+    assert value(m, "corral_model_loads_total", backend="gpu0", model="llama3.2:latest") == 1

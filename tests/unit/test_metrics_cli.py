@@ -65,3 +65,23 @@ def test_status_url() -> None:
     assert status_url("http://gw:8080") == "http://gw:8080/corral/status"
     assert status_url("http://gw:8080/") == "http://gw:8080/corral/status"
     assert status_url("http://gw:8080/corral/status") == "http://gw:8080/corral/status"
+
+
+def test_status_shows_what_each_backend_holds_and_the_models_figures() -> None:
+    status = dict(STATUS)
+    status["backends"] = [dict(STATUS["backends"][0], max_models=2, holds=[
+        {"model": "llama3.2:latest", "state": "ready", "running": 1, "load_time_s": 2.5,
+         "load_time_learned": True},
+        {"model": "mistral:7b", "state": "loading", "running": 0, "load_time_s": 10.0,
+         "load_time_learned": False}])]
+    status["models"] = [{"model": "llama3.2:latest", "demand_per_s": 1.5, "queued": 4,
+                         "running": 1, "service_s": 0.25, "decode_tokens_per_s": 40.0,
+                         "resident_on": ["gpu0"]}]
+    status["scheduler"] = {"loads": 3, "preemptions": 7}
+    out = render(status)
+    gpu0 = next(line for line in out.splitlines() if "gpu0" in line and "up" in line)
+    assert "llama3.2:latest ×1 2.5s*" in gpu0
+    assert "mistral:7b (loading) 10s" in gpu0 and "[2/2]" in gpu0
+    assert "3 loads, 7 preemptions" in out
+    row = next(line for line in out.splitlines() if line.startswith("│ llama3.2:latest"))
+    assert "1.50" in row and "0.25 s" in row and "gpu0" in row

@@ -181,10 +181,19 @@ function renderBackends(backends) {
       const pct = Math.min(100, (100 * b.in_flight) / b.slots);
       slots = el("div", { class: "meter" }, el("div", { style: { width: pct + "%" } }));
     }
-    const loaded = new Set(b.loaded);
-    const names = [...b.loaded, ...b.models.filter((m) => !loaded.has(m))];
-    const chips = names.map((m) => el("span", { class: "chip" + (loaded.has(m) ? " loaded" : ""),
-                                                title: loaded.has(m) ? "loaded" : "installed" }, m));
+    // What the backend holds (resident or loading, with running requests and the load
+    // time there), then the models only installed.
+    const holds = b.holds || b.loaded.map((m) => ({ model: m, state: "ready", running: 0 }));
+    const held = new Set(holds.map((h) => h.model));
+    const chips = holds.map((h) => el("span", {
+      class: "chip loaded" + (h.state === "loading" ? " loading" : ""),
+      title: `${h.state}` + (h.context_length ? ` · context ${h.context_length}` : "")
+        + (h.load_time_s !== undefined ? ` · load ${h.load_time_s} s`
+          + (h.load_time_learned ? " (measured)" : " (default)") : ""),
+    }, h.model + (h.state === "loading" ? " ⟳" : h.running ? ` ×${h.running}` : "")));
+    for (const m of b.models) {
+      if (!held.has(m)) chips.push(el("span", { class: "chip", title: "installed" }, m));
+    }
     return el("div", { class: "backend " + cls, "data-backend": b.name },
       el("div", { class: "backend-head" },
         el("div", {}, el("div", { class: "backend-name" }, b.name),
@@ -196,7 +205,10 @@ function renderBackends(backends) {
         el("span", {}, "TTFB p50 ", el("b", {}, fmtMs(b.ttfb_p50_ms_1m))),
         el("span", {}, "requests · 1 min ", el("b", {}, fmt(b.requests_1m))),
         b.probe_latency_ms !== null && b.probe_latency_ms !== undefined
-          ? el("span", {}, "probe ", el("b", {}, fmtMs(b.probe_latency_ms))) : null),
+          ? el("span", {}, "probe ", el("b", {}, fmtMs(b.probe_latency_ms))) : null,
+        b.max_models ? el("span", {}, "holds ", el("b", {}, `${holds.length}/${b.max_models}`)) : null,
+        b.rent_s ? el("span", { title: "idle slot-time lost while work it could load waited" },
+                      "rent ", el("b", {}, fmt(b.rent_s, 1) + " s")) : null),
       b.last_error ? el("div", { class: "backend-error" }, b.last_error) : null);
   });
   $("backends").replaceChildren(...cards);
@@ -250,6 +262,20 @@ function renderClients(clients) {
     : [el("div", { class: "empty" }, "no traffic in the last minute")]));
 }
 
+function renderModels(models, sched) {
+  const rows = (models || []).map((m) => el("tr", {},
+    el("td", {}, m.model),
+    el("td", { class: "num" }, fmt(m.demand_per_s, 2)),
+    el("td", { class: "num" }, fmt(m.queued)),
+    el("td", { class: "num" }, fmt(m.running)),
+    el("td", { class: "num" }, m.service_s === null ? "–" : fmt(m.service_s, 2) + " s"),
+    el("td", {}, (m.resident_on || []).join(", ") || "–")));
+  $("models").replaceChildren(...(rows.length ? rows
+    : [el("tr", {}, el("td", { colspan: "6", class: "empty" }, "no model asked for yet"))]));
+  $("sched-note").textContent = sched
+    ? `· ${fmt(sched.loads)} loads · ${fmt(sched.preemptions)} preemptions` : "";
+}
+
 function renderRejections(rejections) {
   const rows = rejections.slice(0, 50).map((r) => el("tr", {},
     el("td", {}, r.time ? new Date(r.time * 1000).toLocaleTimeString() : "–"),
@@ -280,6 +306,7 @@ function render(status) {
   renderBackends(status.backends);
   renderCharts(status);
   renderClients(status.clients);
+  renderModels(status.models, status.scheduler);
   renderRejections(status.rejections);
 }
 
