@@ -15,7 +15,7 @@ import click
 import orjson
 
 from corral import __version__
-from corral.config import ConfigError, Settings, load_settings
+from corral.config import ConfigError, Settings, config_warnings, load_settings
 
 
 def new_runner() -> asyncio.Runner:
@@ -74,6 +74,8 @@ def serve(config: Path | None, listen: str | None, log_level: str) -> None:
     """Run the gateway."""
     _setup_logging(log_level)
     settings = _load(config)
+    for warning in config_warnings(settings):
+        logging.getLogger("corral").warning("%s: %s", config or "configuration", warning)
     if listen:
         settings = Settings.model_validate({**settings.model_dump(), "listen": listen})
     from corral.app import serve as serve_app
@@ -94,6 +96,8 @@ def check(config: Path, quiet: bool) -> None:
     if not quiet:
         click.echo(orjson.dumps(settings.model_dump(mode="json"),
                                 option=orjson.OPT_INDENT_2).decode())
+    for warning in config_warnings(settings):
+        click.echo(f"corral: {config}: warning: {warning}", err=True)
     click.echo(f"corral: the configuration file {config} is valid", err=True)
 
 

@@ -451,6 +451,49 @@ def _named(path: tuple[Any, ...], data: Any) -> str:
     return "".join(parts).lstrip(".") or "(top level)"
 
 
+_KINDS = {bool: "true/false", int: "a number", float: "a number", str: "a text",
+          list: "a list", dict: "a mapping"}
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return next((name for t, name in _KINDS.items() if type(value) is t), type(value).__name__)
+
+
+def _plain(err: Any) -> str:
+    """pydantic's message in the operator's words: "expected a list, not a text", never
+    its internal vocabulary ("Input should be a valid tuple")."""
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    got = f", not {_kind(value)}" + (f" {value!r}" if isinstance(value, str | int | float)
+                                      and not isinstance(value, bool) else "")
+    plain = {
+        "tuple_type": "expected a list", "list_type": "expected a list",
+        "dict_type": "expected a mapping of keys", "model_type": "expected a mapping of keys",
+        "model_attributes_type": "expected a mapping of keys",
+        "int_type": "expected a whole number", "int_parsing": "expected a whole number",
+        "int_from_float": "expected a whole number",
+        "float_type": "expected a number", "float_parsing": "expected a number",
+        "bool_type": "expected true or false", "bool_parsing": "expected true or false",
+        "string_type": "expected a text value",
+    }.get(kind)
+    if plain is not None:
+        return plain + got
+    if kind == "missing":
+        return "is required"
+    if kind == "string_too_short":
+        return "must not be empty"
+    for bound, words in (("ge", "at least"), ("gt", "greater than"), ("le", "at most"),
+                         ("lt", "less than")):
+        if bound in ctx and kind.endswith(("than_equal", "than")):
+            return f"must be {words} {ctx[bound]}" + (f", not {value!r}"
+                                                      if not isinstance(value, dict) else "")
+    message = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if message.startswith("Input should be "):
+        message = "must be " + message.removeprefix("Input should be ")
+    return message
+
+
 def _format_errors(exc: ValidationError, source: str,
                    lines: dict[tuple[Any, ...], int], data: Any) -> list[str]:
     out = []
@@ -458,7 +501,7 @@ def _format_errors(exc: ValidationError, source: str,
         loc = _loc_to_path(tuple(err["loc"]))
         # pydantic adds the validator's type to the loc of union members; keep real keys.
         key_path = tuple(p for p in loc if isinstance(p, int) or p in _known_path_words(loc))
-        message = err["msg"].removeprefix("Value error, ")
+        message = _plain(err)
         if not key_path:
             # Cross-field checks name their key first ("limits: ..."): point there.
             head = tuple(message.split(":", 1)[0].split("."))
@@ -498,9 +541,36 @@ def load_settings_text(text: str, source: str = "<config>") -> Settings:
     if root is not None:
         _line_map(root, (), lines)
     try:
-        return Settings.model_validate(data)
+        return Settings.model_validate(_drop_nulls(data))
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source, lines, data)) from None
+
+
+def _drop_nulls(data: Any) -> Any:
+    """A key left empty in YAML (``keys:`` alone is null) takes its default, as if it
+    were not written: every key whose default is not empty accepts no null anyway, and
+    ``keys:`` with nothing under it means no keys, not an error."""
+    if isinstance(data, Mapping):
+        return {k: _drop_nulls(v) for k, v in data.items() if v is not None}
+    if isinstance(data, list):
+        return [_drop_nulls(v) for v in data]
+    return data
+
+
+def config_warnings(settings: Settings) -> list[str]:
+    """What is valid but probably not what the operator meant (``corral check`` and
+    the start print these; nothing is refused for them)."""
+    out = []
+    order = ("high", "normal", "low")
+    top = min((order.index(t.priority) for t in settings.tiers.values()), default=0)
+    for name, tier in settings.tiers.items():
+        if tier.preemptible and order.index(tier.priority) == top:
+            out.append(f"tiers.{name}.preemptible: true has no effect: no tier has a higher "
+                       f"priority than {tier.priority!r}, so nothing can preempt it")
+    if settings.queue.max_preemptions == 0 and any(t.is_preemptible
+                                                   for t in settings.tiers.values()):
+        out.append("queue.max_preemptions: 0 turns preemption off for every tier")
+    return out
 
 
 def load_settings(path: str | Path | None) -> Settings:

@@ -110,7 +110,9 @@ class Scheduler:
         if not self._servable_later(job, now):
             raise NoBackend(f"no backend is available for model '{job.model}'",
                             retry_after=_retry_after(self.backends, now))
-        if len(self.queue) >= self.max_depth:
+        # A job back for another try or after a preemption was accepted already: it
+        # keeps its place whatever the depth.
+        if not front and len(self.queue) >= self.max_depth:
             raise QueueFull("server busy, please try again: the queue is full",
                             retry_after=max(1, int(self.max_wait / 4)))
         if self._stoppable and job.priority < Priority.LOW:

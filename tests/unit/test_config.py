@@ -99,6 +99,12 @@ def test_check_command_exit_status(tmp_path: Any) -> None:
     refused = CliRunner().invoke(main, ["check", "-c", str(bad)])
     assert refused.exit_code == 1
     assert "bad.yaml:4: limits[gen].rate: invalid rate" in refused.output
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("tiers:\n  premium: {priority: high, preemptible: true}\n"
+                   "  basic: {}\n")
+    warned = CliRunner().invoke(main, ["check", "-q", "-c", str(odd)])
+    assert warned.exit_code == 0
+    assert "odd.yaml: warning: tiers.premium.preemptible: true has no effect" in warned.output
 
 
 def test_serve_refuses_an_invalid_config_and_starts_nothing(tmp_path: Any) -> None:
@@ -113,3 +119,61 @@ def test_serve_refuses_an_invalid_config_and_starts_nothing(tmp_path: Any) -> No
     assert done.returncode == 1
     assert "limits[gen]" in done.stderr and "delay and nodelay" in done.stderr
     assert "nothing started" in done.stderr
+
+
+def _errors(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_settings_text(text, "c.yaml")
+    return info.value.errors
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("keys: abc", "c.yaml:1: keys: expected a list, not a text 'abc'"),
+    ("backends: {url: x}", "c.yaml:1: backends: expected a list, not a mapping"),
+    ("tiers: [a]", "c.yaml:1: tiers: expected a mapping of keys, not a list"),
+    ("queue: {max_preemptions: -1}", "c.yaml:1: queue.max_preemptions: must be at least 0, "
+                                     "not -1"),
+    ("queue: {max_preemptions: 101}", "c.yaml:1: queue.max_preemptions: must be at most 100, "
+                                      "not 101"),
+    ("routing: {load_time: 50ms}", "c.yaml:1: routing.load_time: must be between 100ms and "
+                                   "1h, not 0.05s"),
+    ("routing: {load_time: 2h}", "c.yaml:1: routing.load_time: must be between 100ms and 1h, "
+                                 "not 7200s"),
+    ("backends: [{url: 'http://a:1', max_loaded_models: 0}]",
+     "c.yaml:1: backends.0.max_loaded_models: must be at least 1, not 0"),
+    ("tiers: {a: {priority: urgent}}", "c.yaml:1: tiers.a.priority: must be 'high', 'normal' "
+                                       "or 'low'"),
+    ("tiers: {a: {preemptible: sometimes}}",
+     "c.yaml:1: tiers.a.preemptible: expected true or false, not a text 'sometimes'"),
+])
+def test_errors_are_in_plain_words(text: str, expected: str) -> None:
+    errors = _errors(text)
+    assert errors == [expected]
+    assert not any("Input should" in e or "valid tuple" in e for e in errors)
+
+
+def test_an_empty_key_takes_its_default() -> None:
+    s = load_settings_text("keys:\nlimits:\ntiers:\nqueue:\n  max_wait:\n", "c.yaml")
+    assert s.keys == () and s.limits.rules == () and "premium" in s.tiers
+    assert s.queue.max_wait == 120
+
+
+def test_scheduler_settings_and_their_defaults() -> None:
+    from corral.config import config_warnings
+
+    s = load_settings_text(
+        "routing: {load_time: 2s}\nqueue: {max_preemptions: 3}\n"
+        "backends: [{url: 'http://a:1', max_loaded_models: 2}]\n", "c.yaml")
+    assert s.routing.load_time == 2 and s.queue.max_preemptions == 3
+    assert s.backends[0].max_loaded_models == 2
+    # preemptible defaults to true for the low class only
+    assert [n for n, t in s.tiers.items() if t.is_preemptible] == ["batch"]
+    assert config_warnings(s) == []
+    s = load_settings_text("tiers: {premium: {priority: high, preemptible: true},\n"
+                           "        batch: {priority: low}}\n"
+                           "clients: {default_tier: batch}\n", "c.yaml")
+    [warning] = config_warnings(s)
+    assert warning.startswith("tiers.premium.preemptible: true has no effect")
+    s = load_settings_text("queue: {max_preemptions: 0}", "c.yaml")
+    assert config_warnings(s) == ["queue.max_preemptions: 0 turns preemption off for every "
+                                  "tier"]

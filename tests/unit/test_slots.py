@@ -7,7 +7,7 @@ import pytest
 from corral.backends.backend import Backend
 from corral.fleet.state import Fleet
 from corral.pipeline.route import Router
-from corral.scheduler.queues import Job, JobQueue
+from corral.scheduler.queues import Job, JobQueue, Priority
 from corral.scheduler.slots import NoBackend, QueueFull, QueueTimeout, Scheduler
 
 
@@ -102,3 +102,105 @@ async def test_job_waits_for_the_backend_with_its_model() -> None:
     assert await s.acquire(Job("y:latest")) is b
     s.release(first)
     assert await waiting_x is a
+
+
+# -- placement and preemption with a fake clock ------------------------------------------
+
+class FakeRun:
+    def __init__(self, stoppable: bool = True) -> None:
+        self.stoppable = stoppable
+        self.stopped = False
+
+    def interrupt(self) -> bool:
+        if self.stoppable:
+            self.stopped = True
+        return self.stoppable
+
+
+def _resident(*models: str, slots: int = 1) -> tuple[Scheduler, list[Backend], list[float]]:
+    now = [0.0]
+    bs = [Backend(f"b{i}", f"http://b{i}:1", slots, up=True,
+                  models=frozenset({"m1:latest", "m2:latest"})) for i in range(len(models))]
+    fleet = Fleet(bs, 2.0, {b.name: 1 for b in bs})
+    for b, m in zip(bs, models, strict=True):
+        fleet.observe_ps(b, [{"name": m}], now=-100.0)
+    s = Scheduler(fleet, Router(), JobQueue("fifo"), 10, 60.0, clock=lambda: now[0],
+                  max_preemptions=1)
+    return s, bs, now
+
+
+async def test_a_higher_class_takes_the_slot_of_a_preemptible_run() -> None:
+    s, (b,), _ = _resident("m1:latest")
+    low = Job("m1:latest", priority=Priority.LOW, preemptible=True, cost=10.0)
+    assert await s.acquire(low) is b
+    low.run = run = FakeRun()
+    counter = s.queue.counters.get("", 0.0)
+    high = Job("m1:latest", priority=Priority.HIGH)
+    assert await s.acquire(high) is b
+    assert run.stopped and low.preempted and low.backend is None and high.backend is b
+    assert b.in_flight == 1                        # the slot changed hands, no more
+    assert low.preemptions == 1 and s.preemptions == 1
+    assert s.queue.counters.get("", 0.0) == counter   # refunded low, charged high (fifo: 0)
+    s.release(low)                                 # the victim's release is a no-op
+    assert b.in_flight == 1
+    low.preempted = False                          # as the forwarder does, then requeues
+    again = asyncio.create_task(s.acquire(low, front=True))
+    await asyncio.sleep(0)
+    assert s.depth() == 1
+    s.release(high)
+    assert await again is b
+    # Bounded: with max_preemptions 1 it is not stopped a second time.
+    low.run = FakeRun()
+    other = asyncio.create_task(s.acquire(Job("m1:latest", priority=Priority.HIGH)))
+    await asyncio.sleep(0)
+    assert not other.done() and not low.preempted
+    other.cancel()
+
+
+async def test_no_preemption_once_the_answer_is_coming_or_for_the_same_class() -> None:
+    s, (b,), _ = _resident("m1:latest")
+    low = Job("m1:latest", priority=Priority.LOW, preemptible=True)
+    await s.acquire(low)
+    low.run = FakeRun(stoppable=False)             # its header is already in
+    waiting = asyncio.create_task(s.acquire(Job("m1:latest", priority=Priority.HIGH)))
+    await asyncio.sleep(0)
+    assert not waiting.done() and not low.preempted
+    waiting.cancel()
+    low.run = FakeRun()
+    same = asyncio.create_task(s.acquire(Job("m1:latest", priority=Priority.LOW)))
+    await asyncio.sleep(0)
+    assert not same.done() and not low.preempted
+    same.cancel()
+
+
+async def test_a_requeued_job_keeps_its_place_whatever_the_depth() -> None:
+    s = _sched(slots=1, depth=1)
+    first = Job("m:latest")
+    await s.acquire(first)
+    queued = asyncio.create_task(s.acquire(Job("m:latest")))
+    await asyncio.sleep(0)
+    back = asyncio.create_task(s.acquire(Job("m:latest"), front=True))
+    await asyncio.sleep(0)
+    assert s.depth() == 2 and not back.done()
+    queued.cancel()
+    back.cancel()
+
+
+async def test_an_idle_backend_loads_after_its_rent_reaches_the_price() -> None:
+    # b0 holds m1 and is busy; b1 holds m2, which nobody asks for. An m1 job waits.
+    s, (b0, b1), now = _resident("m1:latest", "m2:latest")
+    busy = Job("m1:latest")
+    assert await s.acquire(busy) is b0
+    for _ in range(5):
+        s.fleet.model("m1:latest").service.add(0.1)
+    waiting = asyncio.create_task(s.acquire(Job("m1:latest")))
+    await asyncio.sleep(0)
+    assert not waiting.done()                      # 0.1 s of wait beats a 2 s load
+    now[0] = 1.0
+    s.dispatch()
+    assert not waiting.done() and s.rent.accrued(b1) == pytest.approx(1.0)
+    now[0] = 2.05                                  # b1 idle for one load time
+    s.dispatch()
+    assert await waiting is b1
+    assert s.loads == 1 and s.fleet.runner(b1, "m1:latest") is not None
+    assert s.fleet.runner(b1, "m2:latest") is None   # what Ollama evicts for it
