@@ -379,6 +379,8 @@ def scheduler_command(names: tuple[str, ...], no_nginx: bool, output: Path | Non
     from corral.bench import scheduler
 
     console = Console(stderr=False)
+    if console.width < 130:
+        console = Console(stderr=False, width=130)    # the tables need the room
     use_nginx = not no_nginx
     if use_nginx and harness.nginx_binary() is None:
         console.print("[yellow]nginx is not installed: only Corral is measured[/]")

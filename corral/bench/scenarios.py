@@ -142,6 +142,7 @@ class Sample:
     status: int
     ok: bool          # a complete answer: 200 and a final object with done: true
     tokens: int       # eval_count of a complete answer, else 0
+    gen_s: float = 0.0    # eval_duration of the answer: when its tokens were made
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +162,18 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     ordered = sorted(values)
     rank = max(1, min(len(ordered), math.ceil(q * len(ordered) / 100)))
     return ordered[rank - 1]
+
+
+def delivered_in(s: Sample, t0: float, t1: float) -> float:
+    """Tokens of a complete answer made inside [t0, t1]: its eval_duration before its
+    end is when they were made, so an answer that straddles an edge counts in part."""
+    if not s.ok or s.tokens <= 0:
+        return 0.0
+    start = s.end - s.gen_s
+    if s.gen_s <= 0:
+        return float(s.tokens) if t0 <= s.end <= t1 else 0.0
+    overlap = min(s.end, t1) - max(start, t0)
+    return s.tokens * max(overlap, 0.0) / s.gen_s
 
 
 def busy_between(polls: Iterable[Poll], backend: int, t0: float, t1: float) -> float | None:
@@ -208,7 +221,7 @@ def summarize(sc: Scenario, samples: Sequence[Sample], polls: Sequence[Poll],
     ttfb = [s.ttfb for s in people if s.ok and s.ttfb is not None]
     capacity = sc.backends * sc.slots * (t1 - t0)
     busy = [busy_between(polls, b, t0, t1) for b in range(sc.backends)]
-    useful = sum(s.tokens for s in samples if s.ok and t0 <= s.end <= t1)
+    useful = sum(delivered_in(s, t0, t1) for s in samples)
     p95 = percentile(lat, 95)
     out: dict[str, Any] = {
         "requests": len(window),
@@ -225,7 +238,7 @@ def summarize(sc: Scenario, samples: Sequence[Sample], polls: Sequence[Poll],
         "utilisation_by_backend": [None if b is None else b / (sc.slots * (t1 - t0))
                                    for b in busy],
         "useful": useful / (capacity * sc.tps),
-        "tokens_delivered": useful,
+        "tokens_delivered": round(useful),
         "loads": loads_between(polls, -1.0, math.inf),
         "preemptions": preemptions,
     }

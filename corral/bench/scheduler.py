@@ -78,7 +78,7 @@ async def _one(http: aiohttp.ClientSession, url: str, c: Client, tokens: int,
             "options": {"num_predict": tokens}}
     start = time.monotonic() - t0
     ttfb = None
-    status, ok, got = 0, False, 0
+    status, ok, got, gen = 0, False, 0, 0.0
     try:
         async with http.post(url + "/api/generate", json=body,
                              headers={"Authorization": f"Bearer {c.key}"}) as r:
@@ -93,9 +93,11 @@ async def _one(http: aiohttp.ClientSession, url: str, c: Client, tokens: int,
                 final = orjson.loads(last)
                 ok = bool(final.get("done")) and "error" not in final
                 got = int(final.get("eval_count", 0)) if ok else 0
+                gen = int(final.get("eval_duration", 0)) / 1e9 if ok else 0.0
     except (aiohttp.ClientError, OSError, ValueError):
         ok = False
-    return Sample(c.name, c.interactive, start, time.monotonic() - t0, ttfb, status, ok, got)
+    return Sample(c.name, c.interactive, start, time.monotonic() - t0, ttfb, status, ok, got,
+                  gen)
 
 
 async def _loop(http: aiohttp.ClientSession, url: str, c: Client, t0: float, end: float,
