@@ -18,9 +18,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict
 
-from corral import __version__
 from corral.backends.backend import Backend
 from corral.backends.breaker import Breaker
 from corral.backends.health import HealthMonitor
@@ -39,7 +37,7 @@ from corral.pipeline import fleet
 from corral.pipeline.admit import Admission
 from corral.pipeline.affinity import Affinity
 from corral.pipeline.errors import error_response
-from corral.pipeline.forward import Timeouts, request_headers
+from corral.pipeline.forward import Timeouts
 from corral.pipeline.identify import Client, Identifier
 from corral.pipeline.inference import INFERENCE_PATHS, handle_inference
 from corral.pipeline.route import Router
@@ -74,7 +72,8 @@ class Gateway:
         self.activity = Activity()
         self.metrics = Metrics(self, self.activity)
         self.admission = Admission(settings, _limit_store(settings), self.metrics.limit_decision)
-        self.jobs = JobService(self)
+        self.scheduler.on_failure = self.metrics.upstream_error
+        self.jobs = JobService(lambda: self.settings, lambda tier: self.tiers[tier][0])
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in start
         self.health: HealthMonitor = None  # type: ignore[assignment]
         self.pools: Pools = None  # type: ignore[assignment]
@@ -151,40 +150,77 @@ class Gateway:
 
     # -- helpers the pipeline uses ------------------------------------------------
 
-    def upstream_headers(self, request: web.BaseRequest) -> CIMultiDict[str]:
-        client: Client | None = request.get("client")
-        # A Corral key is Corral's business: it is not passed on to the backends.
-        strip = _CREDENTIALS if client is not None and client.key_matched else frozenset()
-        return request_headers(request.headers, strip)
-
     @property
     def backends(self) -> list[Backend]:
         return self.fleet.backends
 
-    def any_up(self) -> bool:
-        return self.fleet.any_up()
+    # -- reload -----------------------------------------------------------------------
 
-    def fleet_has_model(self, model: str) -> bool:
-        return self.fleet.has_model(model)
+    async def apply(self, new: Settings) -> list[str]:
+        """Swap ``new`` in (a reload, ``corral/reload.py``); notes for the operator."""
+        old = self.settings
+        notes = [f"{key} changed: takes effect after a restart" for key in _RESTART_ONLY
+                 if getattr(new, key) != getattr(old, key)]
+        # Settings that only take effect after a restart keep their running values.
+        new = new.model_copy(update={k: getattr(old, k) for k in _RESTART_ONLY})
 
-    def holders(self, model: str) -> list[Backend]:
-        return self.fleet.holders(model, time.monotonic())
+        current = {b.name: b for b in self.backends}
+        kept: list[Backend] = []
+        for cfg in new.backends:
+            b = current.pop(cfg.name, None)
+            if b is not None and b.url == cfg.url:
+                b.max_concurrency, b.weight, b.draining = cfg.max_concurrency, cfg.weight, False
+                b.breaker.max_fails = new.health.max_fails
+                b.breaker.fail_timeout = new.health.fail_timeout
+                kept.append(b)
+                continue
+            if b is not None:
+                current[f"{b.name} (old url)"] = b
+            self.settings = new            # new backends take the new health settings
+            kept.append(self.new_backend(cfg))
+            notes.append(f"backend {cfg.name} added: joins after a good probe")
+        draining = list(current.values())
+        for b in draining:
+            b.draining = True
+            notes.append(f"backend {b.name} removed: draining {b.in_flight} in-flight "
+                         "request(s)")
 
-    def up_backends(self) -> list[Backend]:
-        return self.fleet.up_backends(time.monotonic())
+        self.configure(new)
+        self.scheduler.set_backends(kept + draining, max_loaded_models(new))
+        self.health.cfg = new.health
+        self.health.set_backends(self.backends)
+        self.pools.connect_timeout = self.timeouts.connect or None
 
-    def pick_any(self, backends: list[Backend] | None = None) -> Backend | None:
-        pool = self.up_backends() if backends is None else backends
-        if not pool:
-            return None
-        self._rr += 1
-        return pool[self._rr % len(pool)]
+        if new.limits != old.limits:
+            previous = self.admission
+            self.admission = Admission(new, previous.store, self.metrics.limit_decision)
+            self.admission.adopt(previous)
+            notes.append("limits replaced; counters of unchanged zones kept")
+        if new.access_log != old.access_log:
+            previous_log = self.access_log
+            self.access_log = AccessLog(new.access_log)
+            self.access_log.start()
+            await previous_log.close()
+        if new.metrics.path != old.metrics.path:
+            self.install_own_routes()
 
-    def note_failure(self, backend: Backend, kind: str) -> None:
-        self.metrics.upstream_error(backend.name, kind)
-        if self.scheduler.failed(backend):
-            log.warning("backend %s taken out for %gs after failed requests (last: %s)",
-                        backend.name, backend.breaker.fail_timeout, kind)
+        if draining:
+            asyncio.get_running_loop().create_task(self._retire(draining))
+        self.health.refresh_soon(0)
+        log.warning("configuration reloaded%s", "".join(f"; {n}" for n in notes))
+        return notes
+
+    async def _retire(self, draining: list[Backend]) -> None:
+        """Forget removed backends once their last in-flight request has finished."""
+        while draining:
+            await asyncio.sleep(0.2)
+            for b in [b for b in draining if b.in_flight == 0]:
+                draining.remove(b)
+                if b in self.backends:
+                    self.scheduler.set_backends([x for x in self.backends if x is not b])
+                    self.health.set_backends(self.backends)
+                    self.pools.drop(b.url)
+                log.warning("backend %s drained and removed", b.name)
 
     # -- routing table --------------------------------------------------------------
 
@@ -253,43 +289,13 @@ class Gateway:
 
     # -- status ---------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        fleet = self.fleet.snapshot(now)
-        held: dict[str, Any] = fleet["backends"]  # type: ignore[assignment]
-        sched = self.scheduler
-        return {
-            "version": __version__,
-            "uptime_s": round(time.time() - self.started, 1),
-            "backends": [
-                {
-                    "name": b.name, "url": b.url, "up": b.up, "routable": b.routable(now),
-                    "draining": b.draining, "slots": b.max_concurrency,
-                    "in_flight": b.in_flight, "models": sorted(b.models),
-                    "loaded": sorted(b.loaded),
-                    "last_error": self.health.states[b.name].last_error
-                    if b.name in self.health.states else None,
-                    **held.get(b.name, {}),
-                    "rent_s": round(sched.rent.accrued(b), 3),
-                }
-                for b in self.backends
-            ],
-            "models": fleet["models"],
-            "scheduler": {"dispatched": sched.dispatched, "loads": sched.loads,
-                          "preemptions": sched.preemptions,
-                          "default_load_time_s": fleet["default_load_time_s"],
-                          "max_preemptions": sched.max_preemptions},
-            "queue": {"depth": len(self.queue), "by_class": self.queue.depth_by_class(),
-                      "max_depth": self.settings.queue.max_depth},
-        }
-
 
 async def _healthz(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     return web.json_response({"status": "ok"})
 
 
 async def _readyz(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
-    ready = bool(gw.up_backends())
+    ready = bool(gw.fleet.up_backends(time.monotonic()))
     return web.json_response({"ready": ready}, status=200 if ready else 503)
 
 
@@ -297,11 +303,13 @@ async def _status(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     return web.Response(body=orjson.dumps(build_status(gw)), content_type="application/json")
 
 
-_CREDENTIALS = frozenset({"authorization", "x-api-key"})
+# A reload reports these but cannot apply them: they need a restart.
+_RESTART_ONLY = ("listen", "state", "shutdown_grace")
 
 
 async def _proxy_any(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
-    return await fleet.proxy_one(gw, request, gw.pick_any())
+    return await fleet.proxy_one(gw, request, fleet.pick_any(gw.fleet.up_backends(
+        time.monotonic())))
 
 
 def _limit_store(settings: Settings) -> LimitStore:

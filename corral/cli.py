@@ -2,51 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import signal
 import sys
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
 
 import click
 import orjson
 
 from corral import __version__
 from corral.config import ConfigError, Settings, config_warnings, load_settings
-
-
-def new_runner() -> asyncio.Runner:
-    """An asyncio runner on uvloop when available (it halves the loop's own cost)."""
-    try:
-        import uvloop
-
-        return asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        return asyncio.Runner()
-
-
-def run_async(main: Coroutine[Any, Any, None]) -> None:
-    """Run ``main`` until it ends or SIGINT/SIGTERM."""
-    with new_runner() as runner:
-        loop = runner.get_loop()
-        task = loop.create_task(main)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            runner.run(_await(task))
-
-
-async def _await(task: asyncio.Task[None]) -> None:
-    await task
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+from corral.runtime import run_async, setup_logging
 
 
 def _load(config: Path | None) -> Settings:
@@ -72,7 +37,7 @@ def main() -> None:
 @click.option("--log-level", default="info", show_default=True)
 def serve(config: Path | None, listen: str | None, log_level: str) -> None:
     """Run the gateway."""
-    _setup_logging(log_level)
+    setup_logging(log_level)
     settings = _load(config)
     for warning in config_warnings(settings):
         logging.getLogger("corral").warning("%s: %s", config or "configuration", warning)

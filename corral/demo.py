@@ -68,7 +68,7 @@ Press Ctrl-C to stop.""", err=True)
               help="stdout, stderr, off or a file path.")
 def demo_command(port: int, tps: float, access_log: str) -> None:
     """Run a gateway in front of two stand-in Ollama backends."""
-    from corral.cli import _setup_logging, run_async
+    from corral.runtime import run_async, setup_logging
 
-    _setup_logging("warning")
+    setup_logging("warning")
     run_async(run_demo(port, tps, access_log))

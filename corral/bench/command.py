@@ -31,7 +31,7 @@ _T = TypeVar("_T")
 def _run(main: Coroutine[Any, Any, _T]) -> _T:
     # uvloop for the load generator: its per-request cost is part of what the
     # benchmark must keep small (the generator shares the cores with the targets).
-    from corral.cli import new_runner
+    from corral.runtime import new_runner
 
     runner = new_runner()
     with runner:
@@ -308,6 +308,13 @@ def _dated_output(name: str) -> Path:
     return path
 
 
+def _save(console: Console, result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+                     + b"\n")
+    console.print(f"results written to {path}")
+
+
 @bench_command.command("failover")
 @click.option("--clients", type=click.IntRange(min=1, max=4096), default=_FAILOVER.clients,
               show_default=True, help="Concurrent clients, each looping streaming requests.")
@@ -351,11 +358,7 @@ def failover_command(
     result = _execute(console, "failover",
                       lambda tmp, progress: failover.run(opts, tmp, progress))
     failover.render(console, result)
-    path = output or _dated_output("failover")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-                     + b"\n")
-    console.print(f"results written to {path}")
+    _save(console, result, output or _dated_output("failover"))
 
 
 @bench_command.command("scheduler")
@@ -389,8 +392,4 @@ def scheduler_command(names: tuple[str, ...], no_nginx: bool, output: Path | Non
     result = _execute(console, "scheduler",
                       lambda tmp, progress: scheduler.run(chosen, use_nginx, tmp, progress))
     scheduler.render(console, result)
-    path = output or _dated_output("scheduler")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-                     + b"\n")
-    console.print(f"results written to {path}")
+    _save(console, result, output or _dated_output("scheduler"))

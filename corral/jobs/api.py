@@ -21,22 +21,48 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
 from corral.backends.backend import normalize_model
+from corral.backends.health import HealthMonitor
+from corral.config import Settings
+from corral.fleet.state import Fleet
 from corral.jobs.callbacks import callback_refusal
-from corral.jobs.store import JobRecord, JobStatus, QueueFull, StoreError, document
+from corral.jobs.store import JobRecord, JobStatus, JobStore, QueueFull, StoreError, document
 from corral.pipeline.errors import error_response, not_found_model
-from corral.pipeline.identify import Client
+from corral.pipeline.identify import Client, Identifier
 from corral.pipeline.inference import INFERENCE_PATHS, BadRequest, parse_object, read_body
 
-if TYPE_CHECKING:
-    from corral.app import Gateway
 
-Handler = Callable[["Gateway", web.BaseRequest], Awaitable[web.StreamResponse]]
+class Jobs(Protocol):
+    """The job service as these handlers use it."""
+
+    @property
+    def store(self) -> JobStore: ...
+
+    async def submit(self, client: Client, sub: Submission,
+                     creds: tuple[tuple[str, str], ...]) -> JobRecord: ...
+
+    async def cancel(self, job_id: str) -> tuple[JobStatus, JobRecord] | None: ...
+
+
+class Gateway(Protocol):
+    """What the jobs API uses (``app.py`` wires it): who is calling, whether some
+    backend has the model, and the job service."""
+
+    settings: Settings
+    identifier: Identifier
+    fleet: Fleet
+    health: HealthMonitor
+
+    @property
+    def jobs(self) -> Jobs: ...
+
+
+Handler = Callable[[Gateway, web.BaseRequest], Awaitable[web.StreamResponse]]
 
 JOBS_PATH = "/corral/jobs"
 ITEM_PREFIX = JOBS_PATH + "/"
@@ -138,11 +164,11 @@ async def submit_job(gw: Gateway, request: web.BaseRequest) -> web.StreamRespons
     except BadRequest as exc:
         return error_response(exc.status, str(exc))
     name = normalize_model(sub.model)
-    if gw.any_up() and not gw.fleet_has_model(name):
+    if gw.fleet.any_up() and not gw.fleet.has_model(name):
         refresh = gw.health.refresh_soon()
         if refresh is not None:
             await asyncio.shield(refresh)
-        if not gw.fleet_has_model(name):
+        if not gw.fleet.has_model(name):
             return error_response(404, not_found_model(sub.endpoint, sub.model))
     try:
         record = await gw.jobs.submit(client, sub, credentials(request))

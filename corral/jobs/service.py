@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from corral.config import JobsConfig, Settings
 from corral.jobs.api import Submission
@@ -22,9 +23,7 @@ from corral.jobs.redis import RedisJobStore
 from corral.jobs.store import Bounds, JobRecord, JobStatus, JobStore, NewJob, StoreError
 from corral.jobs.worker import Workers
 from corral.pipeline.identify import Client
-
-if TYPE_CHECKING:
-    from corral.app import Gateway
+from corral.scheduler.queues import Priority
 
 
 def make_store(settings: Settings) -> JobStore:
@@ -46,17 +45,22 @@ def own_url(host: str, port: int) -> str:
 
 
 class JobService:
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
-        self.store = make_store(gw.settings)
+    def __init__(self, settings: Callable[[], Settings],
+                 priority_of: Callable[[str], Priority]) -> None:
+        """``settings`` gives the running settings (a reload swaps them);
+        ``priority_of`` a tier's priority class."""
+        self.settings = settings
+        self.priority_of = priority_of
+        self.store = make_store(settings())
         self.callbacks = CallbackSender(self.store, self.config)
-        self.workers = Workers(self.store, self.config, own_url(*gw.settings.listen_host_port),
-                               lambda: self.gw.settings.max_body_size, self.callbacks.send)
+        self.workers = Workers(self.store, self.config,
+                               own_url(*settings().listen_host_port),
+                               lambda: self.settings().max_body_size, self.callbacks.send)
         self._counts: dict[str, int] | None = None
         self._counter: asyncio.Task[None] | None = None
 
     def config(self) -> JobsConfig:
-        return self.gw.settings.jobs
+        return self.settings().jobs
 
     async def start(self) -> None:
         self.callbacks.start()
@@ -75,7 +79,7 @@ class JobService:
     async def submit(self, client: Client, sub: Submission,
                      creds: tuple[tuple[str, str], ...]) -> JobRecord:
         cfg = self.config()
-        priority, _ = self.gw.tiers[client.tier]
+        priority = self.priority_of(client.tier)
         job = NewJob(id=secrets.token_hex(16), owner=client.name, priority=int(priority),
                      endpoint=sub.endpoint, model=sub.model, body=sub.body,
                      credentials=creds, client_ip=client.ip, callback_url=sub.callback_url)

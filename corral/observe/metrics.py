@@ -5,8 +5,9 @@ Each Gateway has its own ``CollectorRegistry`` so several gateways in one proces
 
 - per request, ``observe_request`` derives everything from the access-log record the
   pipeline builds anyway: one call, a handful of label lookups, no extra clock reads;
-- fleet gauges (backend up, slots, in-flight, loaded models, queue depth) are read
-  from the Gateway's state by a collector when Prometheus scrapes: zero cost per request.
+- fleet gauges (backend up, slots, in-flight, loaded models, queue depth, what the
+  scheduler learned) are read from the fleet's state by a collector when Prometheus
+  scrapes: zero cost per request.
 
 Every label value is bounded: routes are Corral's known routes or ``other``; clients
 are configured key names or ``anonymous`` (never an IP); models are ones some backend
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
@@ -32,7 +33,6 @@ from corral.pipeline.inference import INFERENCE_PATHS
 from corral.scheduler.queues import Job, Priority
 
 if TYPE_CHECKING:
-    from corral.app import Gateway
     from corral.fleet.state import Fleet
 
 # From a few milliseconds (a warm embedding) to ten minutes (a long generation, or a
@@ -313,7 +313,12 @@ class FleetCollector(Collector):
         return [demand, queued, running, service, load]
 
 
-async def metrics_handler(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
+class Scraped(Protocol):
+    @property
+    def metrics(self) -> Metrics: ...
+
+
+async def metrics_handler(gw: Scraped, request: web.BaseRequest) -> web.StreamResponse:
     body, content_type = gw.metrics.exposition(request.headers.get("Accept"))
     resp = web.Response(body=body, headers={"Content-Type": content_type,
                                             "Cache-Control": "no-store"})

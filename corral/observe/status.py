@@ -19,11 +19,15 @@ from dataclasses import dataclass, field
 from statistics import median
 from typing import TYPE_CHECKING, Any, Protocol
 
+from corral import __version__
 from corral.backends.backend import Backend
 from corral.scheduler.queues import JobQueue
 
 if TYPE_CHECKING:
-    from corral.app import Gateway
+    from corral.backends.health import HealthMonitor
+    from corral.config import Settings
+    from corral.fleet.state import Fleet
+    from corral.scheduler.slots import Scheduler
 
 log = logging.getLogger("corral.status")
 
@@ -47,6 +51,26 @@ class FleetView(Protocol):
 
     @property
     def queue(self) -> JobQueue: ...
+
+
+class JobCounts(Protocol):
+    def status(self) -> dict[str, Any]: ...
+
+
+class Observed(Protocol):
+    """What the status answer reads (``app.py`` wires it): the fleet and what Corral
+    knows of it, the scheduler, the queue, the probes, recent activity, the jobs."""
+
+    settings: Settings
+    fleet: Fleet
+    scheduler: Scheduler
+    queue: JobQueue
+    health: HealthMonitor
+    activity: Activity
+    started: float
+
+    @property
+    def jobs(self) -> JobCounts: ...
 
 
 def client_id(rec: dict[str, Any]) -> str:
@@ -262,12 +286,45 @@ def clients_status(activity: Activity, counters: dict[str, float],
     return out
 
 
-def build_status(gw: Gateway) -> dict[str, Any]:
-    """``Gateway.status()`` (backends, slots, models, queue) plus health details, recent
-    latency, client shares, recent rejections and the dashboard's time series."""
-    status = gw.status()
+def fleet_status(gw: Observed) -> dict[str, Any]:
+    """Backends (slots, health, what each holds), the models' figures, the
+    scheduler's counts and the queue: the state now, read without awaiting."""
+    now = time.monotonic()
+    known = gw.fleet.snapshot(now)
+    held: dict[str, Any] = known["backends"]  # type: ignore[assignment]
+    sched = gw.scheduler
+    states = gw.health.states if gw.health is not None else {}
+    return {
+        "version": __version__,
+        "uptime_s": round(time.time() - gw.started, 1),
+        "backends": [
+            {
+                "name": b.name, "url": b.url, "up": b.up, "routable": b.routable(now),
+                "draining": b.draining, "slots": b.max_concurrency,
+                "in_flight": b.in_flight, "models": sorted(b.models),
+                "loaded": sorted(b.loaded),
+                "last_error": states[b.name].last_error if b.name in states else None,
+                **held.get(b.name, {}),
+                "rent_s": round(sched.rent.accrued(b), 3),
+            }
+            for b in gw.fleet.backends
+        ],
+        "models": known["models"],
+        "scheduler": {"dispatched": sched.dispatched, "loads": sched.loads,
+                      "preemptions": sched.preemptions,
+                      "default_load_time_s": known["default_load_time_s"],
+                      "max_preemptions": sched.max_preemptions},
+        "queue": {"depth": len(gw.queue), "by_class": gw.queue.depth_by_class(),
+                  "max_depth": gw.settings.queue.max_depth},
+    }
+
+
+def build_status(gw: Observed) -> dict[str, Any]:
+    """``fleet_status`` plus health details, recent latency, client shares, recent
+    rejections and the dashboard's time series."""
+    status = fleet_status(gw)
     activity = gw.activity
-    by_name = {b.name: b for b in gw.backends}
+    by_name = {b.name: b for b in gw.fleet.backends}
     states = gw.health.states if gw.health is not None else {}
     for entry in status["backends"]:
         backend = by_name.get(entry["name"])
@@ -297,4 +354,3 @@ def build_status(gw: Gateway) -> dict[str, Any]:
     status["series"] = activity.series_json()
     status["jobs"] = gw.jobs.status()
     return status
-

@@ -14,26 +14,52 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
 from aiohttp import web
 
 from corral.backends.backend import Backend, normalize_model
+from corral.backends.health import HealthMonitor
+from corral.config import Settings
+from corral.fleet.state import Fleet
 from corral.pipeline.errors import error_response, not_found_model
 from corral.pipeline.forward import (
     AiohttpSource,
     RelayResult,
+    Timeouts,
     UpstreamFailure,
     open_upstream,
     relay,
+    upstream_headers,
 )
 from corral.pipeline.inference import BadRequest, parse_request, read_body
+from corral.scheduler.slots import Scheduler
 
-if TYPE_CHECKING:
-    from corral.app import Gateway
+
+class Gateway(Protocol):
+    """What these routes use (``app.py`` wires it): the fleet, its health probes, an
+    aiohttp session for the non-hot calls, and the failure count of passive health."""
+
+    settings: Settings
+    fleet: Fleet
+    health: HealthMonitor
+    session: aiohttp.ClientSession
+    timeouts: Timeouts
+    client_timeout: aiohttp.ClientTimeout
+    scheduler: Scheduler
+
+
+_turn = itertools.count()
+
+
+def pick_any(pool: Sequence[Backend]) -> Backend | None:
+    """One of ``pool`` in turn (requests that take no slot need no smarter choice)."""
+    return pool[next(_turn) % len(pool)] if pool else None
 
 
 async def _get_json(gw: Gateway, backend: Backend, path: str) -> Any:
@@ -45,7 +71,7 @@ async def _get_json(gw: Gateway, backend: Backend, path: str) -> Any:
 
 
 async def _gather(gw: Gateway, path: str) -> list[Any]:
-    backends = gw.up_backends()
+    backends = gw.fleet.up_backends(time.monotonic())
     results = await asyncio.gather(*(_get_json(gw, b, path) for b in backends),
                                    return_exceptions=True)
     return [r for r in results if not isinstance(r, BaseException)]
@@ -117,10 +143,10 @@ async def proxy_one(gw: Gateway, request: web.BaseRequest, backend: Backend | No
             return error_response(exc.status, str(exc), openai)
     try:
         upstream = await open_upstream(gw.session, backend, request.method, request.path_qs,
-                                       gw.upstream_headers(request), body or None,
+                                       upstream_headers(request), body or None,
                                        gw.timeouts, gw.client_timeout)
     except UpstreamFailure as failure:
-        gw.note_failure(backend, failure.kind)
+        gw.scheduler.failed(backend, failure.kind)
         return error_response(failure.status, str(failure), openai)
     result = RelayResult()
     try:
@@ -140,18 +166,18 @@ async def proxy_by_model(gw: Gateway, request: web.BaseRequest) -> web.StreamRes
         _, model = parse_request(body)
     except BadRequest as exc:
         return error_response(exc.status, str(exc))
-    holders = gw.holders(normalize_model(model))
+    holders = gw.fleet.holders(normalize_model(model), time.monotonic())
     if not holders:
         return error_response(404, not_found_model(request.path, normalize_model(model)))
-    return await proxy_one(gw, request, gw.pick_any(holders), body)
+    return await proxy_one(gw, request, pick_any(holders), body)
 
 
 async def proxy_v1_model(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     model = request.path.removeprefix("/v1/models/")
-    holders = gw.holders(normalize_model(model))
+    holders = gw.fleet.holders(normalize_model(model), time.monotonic())
     if not holders:
         return error_response(404, f"model '{model}' not found", openai=True)
-    return await proxy_one(gw, request, gw.pick_any(holders), b"")
+    return await proxy_one(gw, request, pick_any(holders), b"")
 
 
 async def _send_all(gw: Gateway, request: web.BaseRequest, targets: Sequence[Backend],
@@ -162,7 +188,7 @@ async def _send_all(gw: Gateway, request: web.BaseRequest, targets: Sequence[Bac
         try:
             async with gw.session.request(request.method, b.url + request.path_qs,
                                           data=body or None, timeout=timeout,
-                                          headers=gw.upstream_headers(request)) as r:
+                                          headers=upstream_headers(request)) as r:
                 return b, r.status, await r.read()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             return b, 502, orjson.dumps({"error": f"backend {b.name}: {exc!r}"})
@@ -182,7 +208,7 @@ async def broadcast_simple(gw: Gateway, request: web.BaseRequest) -> web.StreamR
         data, dict) else None
     if not isinstance(name, str) or not name:
         return error_response(400, "model is required")
-    targets = gw.holders(normalize_model(name))
+    targets = gw.fleet.holders(normalize_model(name), time.monotonic())
     if not targets:
         return error_response(404, not_found_model(request.path, name))
     results = await _send_all(gw, request, targets, body)
@@ -199,7 +225,7 @@ async def broadcast_stream(gw: Gateway, request: web.BaseRequest) -> web.StreamR
         body = await read_body(request, gw.settings.timeouts.client_body)
     except BadRequest as exc:
         return error_response(exc.status, str(exc))
-    targets = gw.up_backends()
+    targets = gw.fleet.up_backends(time.monotonic())
     if not targets:
         return error_response(503, "no backend is available", headers={"Retry-After": "5"})
     if request.path.startswith("/api/blobs/"):
@@ -240,7 +266,7 @@ async def _merge_progress(gw: Gateway, request: web.BaseRequest, targets: Sequen
                                         sock_read=gw.timeouts.read)
         try:
             async with gw.session.post(b.url + request.path_qs, data=body, timeout=timeout,
-                                       headers=gw.upstream_headers(request)) as r:
+                                       headers=upstream_headers(request)) as r:
                 if r.status != 200:
                     failures[b.name] = _error_text(await r.read())
                     return

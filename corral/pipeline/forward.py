@@ -68,6 +68,17 @@ def request_headers(headers: CIMultiDictProxy[str],
     return out
 
 
+_CREDENTIALS = frozenset({"authorization", "x-api-key"})
+
+
+def upstream_headers(request: web.BaseRequest) -> CIMultiDict[str]:
+    """The client's headers for a backend; a Corral key is Corral's business, so it is
+    not passed on."""
+    client = request.get("client")
+    strip = _CREDENTIALS if client is not None and client.key_matched else frozenset()
+    return request_headers(request.headers, strip)
+
+
 def response_headers(headers: MultiMapping[str]) -> CIMultiDict[str]:
     drop = _drop_listed(headers)
     out: CIMultiDict[str] = CIMultiDict()

@@ -9,24 +9,54 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
 from corral.backends.backend import Backend, normalize_model
+from corral.backends.health import HealthMonitor
+from corral.config import Settings
+from corral.fleet.state import Fleet
+from corral.observe.accesslog import AccessLog
 from corral.pipeline.account import timings_from_tail, usage_from_tail
-from corral.pipeline.admit import Verdict
-from corral.pipeline.affinity import session_key
+from corral.pipeline.admit import Admission, Verdict
+from corral.pipeline.affinity import Affinity, session_key
 from corral.pipeline.errors import error_response, not_found_model
-from corral.pipeline.forward import RelayResult, UpstreamFailure, raw_drop_set, relay
+from corral.pipeline.forward import RelayResult, Timeouts, UpstreamFailure, raw_drop_set, relay
 from corral.pipeline.identify import Client
-from corral.pipeline.upstream import Interrupt, Response, UpstreamError, encode_head
-from corral.scheduler.queues import Job
-from corral.scheduler.slots import SchedulingError
+from corral.pipeline.upstream import Interrupt, Pools, Response, UpstreamError, encode_head
+from corral.scheduler.queues import Job, JobQueue, Priority
+from corral.scheduler.slots import Scheduler, SchedulingError
 
-if TYPE_CHECKING:
-    from corral.app import Gateway
+
+class RequestMetrics(Protocol):
+    def observe_request(self, rec: dict[str, Any], priority: Priority | str) -> None: ...
+
+    def retry(self, backend: str) -> None: ...
+
+
+class Gateway(Protocol):
+    """What the inference path uses, wired by ``app.py``; swapped as a whole on
+    reload (``settings``, ``tiers``, ``timeouts`` … are replaced, never mutated)."""
+
+    settings: Settings
+    admission: Admission
+    fleet: Fleet
+    health: HealthMonitor
+    queue: JobQueue
+    scheduler: Scheduler
+    affinity: Affinity
+    pools: Pools
+    timeouts: Timeouts
+    access_log: AccessLog
+    tiers: dict[str, tuple[Priority, float]]
+    preemptible_tiers: frozenset[str]
+    retry_on: frozenset[str]
+    retry_on_status: frozenset[int]
+
+    @property
+    def metrics(self) -> RequestMetrics: ...
 
 # Routes that run a model and therefore take a backend slot.
 INFERENCE_PATHS = frozenset({
@@ -179,16 +209,16 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
         if verdict.response is not None:
             rec["status"] = verdict.response.status
             return verdict.response
-    if not gw.any_up():
+    if not gw.fleet.any_up():
         # Nothing answers at all: say so plainly rather than guess a 404.
         rec["status"], rec["error"] = 503, "no backend is reachable"
         return error_response(503, "no backend is reachable; try again later", openai,
                               {"Retry-After": "5"})
-    if not gw.fleet_has_model(name):
+    if not gw.fleet.has_model(name):
         refresh = gw.health.refresh_soon()
         if refresh is not None:
             await asyncio.shield(refresh)
-        if not gw.fleet_has_model(name):
+        if not gw.fleet.has_model(name):
             rec["status"] = 404
             return error_response(404, not_found_model(path, model), openai)
 
@@ -241,7 +271,7 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
                                       504 if exc.kind == "timeout" else 502) from None
         except UpstreamFailure as failure:
             gw.scheduler.release(job)
-            gw.note_failure(backend, failure.kind)
+            gw.scheduler.failed(backend, failure.kind)
             last_failure, attempt = failure, attempt + 1
             if attempt < gw.settings.retry.tries and failure.kind in gw.retry_on:
                 job.exclude |= {backend.name}
@@ -260,7 +290,7 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
             if session is not None:
                 gw.affinity.remember(session, backend.name)
             break
-        gw.note_failure(backend, str(upstream.status))
+        gw.scheduler.failed(backend, str(upstream.status))
         if attempt + 1 >= gw.settings.retry.tries:
             break       # out of tries: the client gets the backend's own answer
         # A retryable status (e.g. 500 out of memory) before anything reached the
@@ -299,7 +329,7 @@ async def _stream(gw: Gateway, request: web.BaseRequest, job: Job, backend: Back
             rec["ttfb_ms"] = round(result.ttfb * 1000, 3)
         if result.error:
             rec["error"] = result.error
-            gw.note_failure(backend, "mid-stream")
+            gw.scheduler.failed(backend, "mid-stream")
         if upstream.status < 300:
             usage = usage_from_tail(result.tail, openai, result.chunks)
             if usage is not None:

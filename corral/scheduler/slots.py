@@ -14,6 +14,7 @@ placed at once without looking at the queue: nobody waiting wanted that slot.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -60,6 +61,8 @@ class _Waiter:
     future: asyncio.Future[Backend]
 
 
+log = logging.getLogger("corral")
+
 # A job preempted for a higher class: (the job, estimated tokens thrown away).
 PreemptHook = Callable[[Job, float], None]
 
@@ -79,6 +82,8 @@ class Scheduler:
         self.rent = Rent()
         self.on_preempt: PreemptHook | None = None
         self.on_loaded: Callable[[Backend], None] | None = None
+        # A request failed on a backend: (backend name, kind) — counted in the metrics.
+        self.on_failure: Callable[[str, str], None] | None = None
         self._waiters: dict[int, _Waiter] = {}
         # Running jobs that a higher class may stop (their tier is preemptible).
         self._stoppable: dict[int, Job] = {}
@@ -178,12 +183,15 @@ class Scheduler:
             if self._waiters:
                 self.dispatch()     # jobs waiting for it may run there now
 
-    def failed(self, backend: Backend) -> bool:
-        """Passive health: ``max_fails`` failures within ``fail_timeout`` take the
+    def failed(self, backend: Backend, kind: str) -> bool:
+        """A request failed on ``backend`` (``kind``: error, timeout, mid-stream or a
+        status). Passive health: ``max_fails`` failures within ``fail_timeout`` take the
         backend out for ``fail_timeout``, then one trial request decides. A fleet of
         one backend is never taken out this way (as nginx): there is nowhere else to
         send the work, and the active probes still see a dead backend. True when
         this failure took it out."""
+        if self.on_failure is not None:
+            self.on_failure(backend.name, kind)
         if len(self.backends) == 1:
             return False
         if not backend.breaker.on_failure(self.clock()):
@@ -192,6 +200,8 @@ class Scheduler:
         # their trial at once, not at the next probe.
         asyncio.get_running_loop().call_later(backend.breaker.fail_timeout + 0.01,
                                               self.dispatch)
+        log.warning("backend %s taken out for %gs after failed requests (last: %s)",
+                    backend.name, backend.breaker.fail_timeout, kind)
         return True
 
     # -- the capacity side --------------------------------------------------------
@@ -233,6 +243,9 @@ class Scheduler:
         cache: dict[tuple[str, int | None, frozenset[str]], Options] = {}
         ahead: dict[tuple[str, int | None], int] = {}
         firsts: dict[tuple[str, int | None], Job] = {}
+        # (model, num_ctx, class, exclusions) for which no request could be stopped in
+        # this pass: the jobs behind would find none either (a pass stays O(waiting)).
+        no_victim: set[tuple[str, int | None, int, frozenset[str]]] = set()
         complete = True
         for job in self.queue.ordered():
             if not any(b.in_flight < b.max_concurrency and b.routable(now)
@@ -241,7 +254,7 @@ class Scheduler:
                 if not self._stoppable or job.priority >= Priority.LOW:
                     complete = False
                     break
-                if self._preempt_for(job, now, waiting=True) is not None:
+                if self._try_preempt(job, now, no_victim):
                     cache.clear()
                 continue
             key = (job.model, job.ctx, job.exclude)
@@ -256,7 +269,7 @@ class Scheduler:
                 ahead[line] = n + 1
                 firsts.setdefault(line, job)
                 if self._stoppable and job.priority < Priority.LOW and \
-                        self._preempt_for(job, now, waiting=True) is not None:
+                        self._try_preempt(job, now, no_victim):
                     cache.clear()
                 continue
             self._hand(job, placement, now)
@@ -313,6 +326,16 @@ class Scheduler:
         self.dispatch()
 
     # -- preemption ---------------------------------------------------------------
+
+    def _try_preempt(self, job: Job, now: float,
+                     no_victim: set[tuple[str, int | None, int, frozenset[str]]]) -> bool:
+        key = (job.model, job.ctx, int(job.priority), job.exclude)
+        if key in no_victim:
+            return False
+        if self._preempt_for(job, now, waiting=True) is None:
+            no_victim.add(key)
+            return False
+        return True
 
     def _preempt_for(self, job: Job, now: float, waiting: bool = False) -> Backend | None:
         """Stop the running preemptible request of a lower class that has done the

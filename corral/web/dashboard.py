@@ -9,12 +9,8 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING
 
 from aiohttp import web
-
-if TYPE_CHECKING:
-    from corral.app import Gateway
 
 PAGE = "/dashboard"
 _ASSETS = {
@@ -36,7 +32,7 @@ def _read(name: str) -> bytes:
     return (resources.files("corral.web") / "static" / name).read_bytes()
 
 
-async def dashboard_handler(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
+async def dashboard_handler(gw: object, request: web.BaseRequest) -> web.StreamResponse:
     name, content_type = _ASSETS[request.path]
     return web.Response(body=_read(name), content_type=content_type, charset="utf-8",
                         headers=_HEADERS)

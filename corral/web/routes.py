@@ -7,17 +7,13 @@ operator's browser carries no API key.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from corral.observe.metrics import metrics_handler
+from corral.observe.metrics import Scraped, metrics_handler
 from corral.web.dashboard import asset_paths, dashboard_handler
 
-if TYPE_CHECKING:
-    from corral.app import Gateway
-
-    Handler = Callable[[Gateway, web.BaseRequest], Awaitable[web.StreamResponse]]
+Handler = Callable[[Scraped, web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 def observe_routes(metrics_path: str) -> dict[tuple[str, str], Handler]:

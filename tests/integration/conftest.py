@@ -233,6 +233,31 @@ def start_redis(tmp_path: Path) -> Iterator[Any]:
 
 
 MakeSim = Callable[..., Awaitable["RunningSim"]]
+PostHandler = Callable[[Any], Awaitable[Any]]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Callable[[dict[str, PostHandler]], Awaitable[int]]]:
+    """``await receiver({"/hook": handler})``: an HTTP server taking POSTs on those
+    paths (a callback receiver), on a free port, which it returns."""
+    from aiohttp import web
+
+    runners: list[web.AppRunner] = []
+
+    async def start(routes: dict[str, PostHandler]) -> int:
+        app = web.Application()
+        for path, handler in routes.items():
+            app.router.add_post(path, handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        runners.append(runner)
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return port
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
 
 
 @pytest.fixture

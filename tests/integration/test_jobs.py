@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.integration.conftest import Gateway, Sim, backends, free_port
+from tests.integration.conftest import Gateway, Sim, backends
 
 MODEL = "llama3.2:latest"
 FAST = ("--models", MODEL, "--loaded", MODEL, "--instant", "--parallel", "8")
@@ -145,7 +145,8 @@ async def test_bad_submissions_are_refused_in_ollamas_shape(
 
 
 async def test_callbacks_are_delivered_and_their_outcome_recorded(
-        start_sim: Any, start_corral: Any, session: aiohttp.ClientSession) -> None:
+        start_sim: Any, start_corral: Any, session: aiohttp.ClientSession,
+        receiver: Any) -> None:
     received: list[dict[str, Any]] = []
     arrived = asyncio.Event()
 
@@ -157,39 +158,30 @@ async def test_callbacks_are_delivered_and_their_outcome_recorded(
     async def broken(request: web.Request) -> web.Response:
         return web.Response(status=500)
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    app.router.add_post("/broken", broken)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        sim: Sim = start_sim(*FAST)
-        gw: Gateway = start_corral({"backends": backends(sim), "keys": KEYS, "jobs": {
-            "callback_hosts": [f"127.0.0.1:{port}"], "callback_tries": 2}})
-        s = session
-        job_id = await submit(s, gw, {**GENERATE,
-                                      "callback_url": f"http://127.0.0.1:{port}/hook"},
-                              "sk-bob")
-        await asyncio.wait_for(arrived.wait(), 15)
-        [got] = received
-        assert got["job"] == job_id
-        assert got["body"]["id"] == job_id and got["body"]["status"] == "succeeded"
-        assert got["body"]["result"]["done"] is True
-        doc = await wait_for(s, gw, job_id, "sk-bob",
-                             lambda d: (d["callback"] or {}).get("status") == "delivered")
-        assert doc["callback"] == {"status": "delivered", "attempts": 1, "error": None}
+    port = await receiver({"/hook": hook, "/broken": broken})
+    sim: Sim = start_sim(*FAST)
+    gw: Gateway = start_corral({"backends": backends(sim), "keys": KEYS, "jobs": {
+        "callback_hosts": [f"127.0.0.1:{port}"], "callback_tries": 2}})
+    s = session
+    job_id = await submit(s, gw, {**GENERATE,
+                                  "callback_url": f"http://127.0.0.1:{port}/hook"},
+                          "sk-bob")
+    await asyncio.wait_for(arrived.wait(), 15)
+    [got] = received
+    assert got["job"] == job_id
+    assert got["body"]["id"] == job_id and got["body"]["status"] == "succeeded"
+    assert got["body"]["result"]["done"] is True
+    doc = await wait_for(s, gw, job_id, "sk-bob",
+                         lambda d: (d["callback"] or {}).get("status") == "delivered")
+    assert doc["callback"] == {"status": "delivered", "attempts": 1, "error": None}
 
-        failing = await submit(s, gw, {**GENERATE,
-                                       "callback_url": f"http://127.0.0.1:{port}/broken"})
-        doc = await wait_for(s, gw, failing, None,
-                             lambda d: (d["callback"] or {}).get("status") == "failed")
-        assert doc["status"] == "succeeded"         # the job did; only its callback failed
-        assert doc["callback"] == {"status": "failed", "attempts": 2,
-                                   "error": "the receiver answered 500"}
-    finally:
-        await runner.cleanup()
+    failing = await submit(s, gw, {**GENERATE,
+                                   "callback_url": f"http://127.0.0.1:{port}/broken"})
+    doc = await wait_for(s, gw, failing, None,
+                         lambda d: (d["callback"] or {}).get("status") == "failed")
+    assert doc["status"] == "succeeded"         # the job did; only its callback failed
+    assert doc["callback"] == {"status": "failed", "attempts": 2,
+                               "error": "the receiver answered 500"}
 
 
 # --- retries --------------------------------------------------------------------------

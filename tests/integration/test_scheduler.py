@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from tests.integration.conftest import Gateway, Sim, backends, free_port
+from tests.integration.conftest import Gateway, Sim, backends
 
 M1, M2 = "llama3.2:latest", "mistral:latest"
 ONE_MODEL_EACH = ("--models", f"{M1},{M2}", "--parallel", "2", "--max-loaded", "1",
@@ -176,43 +176,33 @@ async def test_preemptions_per_request_are_bounded(start_sim: Any, start_corral:
 
 
 async def test_a_preempted_batch_job_is_one_job_with_one_result_and_one_callback(
-        start_sim: Any, start_corral: Any) -> None:
+        start_sim: Any, start_corral: Any, receiver: Any) -> None:
     calls: list[dict[str, Any]] = []
 
     async def hook(request: web.Request) -> web.Response:
         calls.append(await request.json())
         return web.Response(status=204)
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        sim = start_sim("--models", M1, "--loaded", M1, "--parallel", "1", "--tps", "100")
-        gw = start_corral({"backends": backends(sim, slots=1), "keys": KEYS,
-                           "jobs": {"callback_hosts": [f"127.0.0.1:{port}"]}})
-        async with aiohttp.ClientSession() as s:
-            async with s.post(gw.url + "/corral/jobs", headers={"X-API-Key": "sk-nightly"},
-                              json={"endpoint": "/api/generate",
-                                    "body": {"model": "llama3.2", "prompt": "summarise",
-                                             "options": {"num_predict": 150}},
-                                    "callback_url": f"http://127.0.0.1:{port}/hook"}) as r:
-                assert r.status == 202
-                job_id = (await r.json())["id"]
-            await _until(lambda: sim.stats()["in_flight"] == 1)
-            person = await generate(s, gw, M1, 10, "sk-alice")
-            assert person["done"]
-            deadline = time.monotonic() + 15
-            while not calls and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.5)                 # a second callback would be here by now
-            async with s.get(f"{gw.url}/corral/jobs/{job_id}",
-                             headers={"X-API-Key": "sk-nightly"}) as r:
-                doc = await r.json()
-    finally:
-        await runner.cleanup()
+    port = await receiver({"/hook": hook})
+    sim = start_sim("--models", M1, "--loaded", M1, "--parallel", "1", "--tps", "100")
+    gw = start_corral({"backends": backends(sim, slots=1), "keys": KEYS,
+                       "jobs": {"callback_hosts": [f"127.0.0.1:{port}"]}})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/corral/jobs", headers={"X-API-Key": "sk-nightly"},
+                          json={"endpoint": "/api/generate",
+                                "body": {"model": "llama3.2", "prompt": "summarise",
+                                         "options": {"num_predict": 150}},
+                                "callback_url": f"http://127.0.0.1:{port}/hook"}) as r:
+            assert r.status == 202
+            job_id = (await r.json())["id"]
+        await _until(lambda: sim.stats()["in_flight"] == 1)
+        person = await generate(s, gw, M1, 10, "sk-alice")
+        assert person["done"]
+        await _until(lambda: bool(calls), timeout=15)
+        await asyncio.sleep(0.5)                 # a second callback would be here by now
+        async with s.get(f"{gw.url}/corral/jobs/{job_id}",
+                         headers={"X-API-Key": "sk-nightly"}) as r:
+            doc = await r.json()
     assert doc["status"] == "succeeded" and doc["attempts"] == 1
     assert doc["result"]["done"] is True and doc["result"]["eval_count"] == 150
     assert len(calls) == 1 and calls[0]["id"] == job_id and calls[0]["status"] == "succeeded"
