@@ -130,6 +130,21 @@ class Fleet:
         r = self._held[id(b)].runners.get(model)
         return r if r is not None and r.fits(ctx) else None
 
+    def ready_with_slot(self, model: str, ctx: int | None, now: float,
+                        exclude: frozenset[str] = frozenset()) -> list[Backend]:
+        """Routable backends with a free slot where ``model`` is resident, ready, and
+        fits ``ctx``: where a job runs at once (the request path's common case)."""
+        out = []
+        held = self._held
+        for b in self.backends:
+            if b.in_flight >= b.max_concurrency or (exclude and b.name in exclude):
+                continue
+            r = held[id(b)].runners.get(model)
+            if (r is not None and not r.loading and r.ready_at <= now
+                    and (ctx is None or r.ctx is None or r.ctx == ctx) and b.routable(now)):
+                out.append(b)
+        return out
+
     def victims(self, b: Backend, model: str) -> list[Runner]:
         """What Ollama evicts on ``b`` to load ``model``: nothing while it has room; a
         runner of the same model with another context length (a reload); else one

@@ -106,6 +106,14 @@ class Scheduler:
         (``job.preempted``): its slot then went to another job.
         """
         now = self.clock()
+        if self.router.prefer_loaded:
+            # The uncontended path: the model is resident with a free slot. No
+            # prices to weigh, nothing to allocate beyond the candidates.
+            ready = self.fleet.ready_with_slot(job.model, job.ctx, now, job.exclude)
+            if ready:
+                chosen = self.router.pick(ready, job.affinity)
+                self._grant(job, Placement(Action.RUN, chosen), now, load=False)
+                return chosen
         opts = options_for(self.fleet, job.model, job.ctx, now, job.exclude,
                            self.router.prefer_loaded)
         placement = decide(opts, self.queue.ahead_of(job), self.router, job.affinity)
@@ -207,15 +215,16 @@ class Scheduler:
     # -- the capacity side --------------------------------------------------------
 
     def _grant(self, job: Job, placement: Placement, now: float,
-               transfer: bool = False) -> None:
+               transfer: bool = False, load: bool | None = None) -> None:
         backend = placement.backend
         assert backend is not None
         if not transfer:
             backend.in_flight += 1
         backend.breaker.on_dispatch(now)
         self.queue.charge(job, job.cost)
-        load = (placement.action is Action.LOAD
-                or self.fleet.resident(backend, job.model, job.ctx) is None)
+        if load is None:
+            load = (placement.action is Action.LOAD
+                    or self.fleet.resident(backend, job.model, job.ctx) is None)
         self.fleet.on_dispatch(backend, job.model, job.ctx, now, load)
         job.backend, job.dispatched_at = backend, now
         job.placement = "load" if load else "resident"
