@@ -505,7 +505,8 @@ def _format_errors(exc: ValidationError, source: str,
         if not key_path:
             # Cross-field checks name their key first ("limits: ..."): point there.
             head = tuple(message.split(":", 1)[0].split("."))
-            if head in lines:
+            if ":" in message and (head in lines or head[:1] in _TOP_KEYS):
+                # Also for a key the file does not write (its default is at fault).
                 key_path, message = head, message.split(":", 1)[1].strip()
         line = None
         probe = key_path
@@ -520,6 +521,9 @@ def _format_errors(exc: ValidationError, source: str,
     return out
 
 
+_TOP_KEYS = frozenset((k,) for k in Settings.model_fields)
+
+
 def _known_path_words(loc: tuple[Any, ...]) -> set[str]:
     # Everything in loc that is not a pydantic type tag such as "function-before[...]".
     return {p for p in loc if isinstance(p, str) and "[" not in p}
@@ -527,8 +531,8 @@ def _known_path_words(loc: tuple[Any, ...]) -> set[str]:
 
 def load_settings_text(text: str, source: str = "<config>") -> Settings:
     try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)     # _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
@@ -544,6 +548,22 @@ def load_settings_text(text: str, source: str = "<config>") -> Settings:
         return Settings.model_validate(_drop_nulls(data))
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source, lines, data)) from None
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as YAML 1.2 reads booleans: only ``true``/``false``. PyYAML follows YAML
+    1.1, where ``on``, ``off``, ``yes`` and ``no`` are booleans too, which would turn
+    the key ``retry.on`` into ``True``. Boolean settings still accept ``yes``/``no``
+    and ``on``/``off``: validation reads those strings as booleans."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"))
 
 
 def _drop_nulls(data: Any) -> Any:

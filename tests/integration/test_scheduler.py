@@ -159,6 +159,22 @@ async def test_a_streamed_request_is_never_cut(start_sim: Any, start_corral: Any
     assert not any(r.get("preemptions") for r in gw.records())
 
 
+async def test_only_preemptible_tiers_are_stopped(start_sim: Any, start_corral: Any) -> None:
+    """Non-streamed work of a tier that is not preemptible (basic, normal class) keeps
+    its slots: the person waits for the first of them to finish."""
+    sim, gw = one_backend(start_sim, start_corral)
+    async with aiohttp.ClientSession() as s:
+        normal = [asyncio.create_task(generate(s, gw, M1, 100, "sk-bob", stream=False))
+                  for _ in range(2)]
+        await asyncio.sleep(0.3)
+        person = await generate(s, gw, M1, 10, "sk-alice")
+        results = await asyncio.gather(*normal)
+    assert person["_done_at"] > min(r["_done_at"] for r in results)
+    assert all(r["done"] and r["eval_count"] == 100 for r in results)
+    assert sim.stats()["cancelled"] == 0
+    assert not any(r.get("preemptions") for r in gw.records())
+
+
 async def test_preemptions_per_request_are_bounded(start_sim: Any, start_corral: Any) -> None:
     sim, gw = one_backend(start_sim, start_corral, max_preemptions=1)
     async with aiohttp.ClientSession() as s:

@@ -55,6 +55,7 @@ def test_errors_name_file_line_and_key() -> None:
     "keys:\n  - {name: k}",
     "queue: {fairness: lottery}",
     "retry: {on: [teapot]}",
+    "retry:\n  on: [teapot]",
 ])
 def test_invalid_configs_are_refused(bad: str) -> None:
     with pytest.raises(ConfigError):
@@ -177,3 +178,18 @@ def test_scheduler_settings_and_their_defaults() -> None:
     s = load_settings_text("queue: {max_preemptions: 0}", "c.yaml")
     assert config_warnings(s) == ["queue.max_preemptions: 0 turns preemption off for every "
                                   "tier"]
+
+
+def test_retry_on_is_a_key_not_a_boolean() -> None:
+    # YAML 1.1 reads a bare ``on`` as true; the documented key must still work, and
+    # boolean settings still take yes/no.
+    s = load_settings_text("retry:\n  on: [error, 502]\n  tries: 3\n"
+                           "limits:\n  - {name: a, rate: 1r/s, nodelay: yes}\n"
+                           "tiers:\n  basic: {preemptible: on}\n")
+    assert s.retry.on == ("error", 502) and s.retry.tries == 3
+    assert s.limits.rules[0].nodelay is True and s.tiers["basic"].preemptible is True
+
+
+def test_a_cross_check_on_a_default_names_its_key() -> None:
+    assert _errors("tiers:\n  gold: {}\n") == [
+        "c.yaml: clients.default_tier: unknown tier 'basic'"]
