@@ -214,10 +214,14 @@ class Fleet:
             elif ctx is not None:
                 r.ctx = ctx
             runners[model] = r
-        # A load Corral started and has not seen finish yet stays: /api/ps may list it
-        # only once it is in (the stand-in does; Ollama lists it while loading).
+        # A load Corral started and has not seen finish yet stays (/api/ps may list it
+        # only once it is in), unless it is overdue by a whole load time — it failed —
+        # and so does a model Corral has requests running on.
         for model, r in h.runners.items():
-            if model not in runners and (r.loading or r.running > 0):
+            if model in runners:
+                continue
+            overdue = now > r.ready_at + self.load_time(b, model)
+            if r.running > 0 or (r.loading and not overdue):
                 runners[model] = r
         h.runners = runners
         h.seen_max = max(h.seen_max, len(seen))
@@ -284,7 +288,9 @@ class Fleet:
             h = self._held.get(id(b))
             if h is not None:
                 h.load_times.setdefault(model, Ewma(alpha=0.3)).add(load_s)
-        service = held_s - (load_s or 0.0) if loaded else held_s
+        # Ollama's load_duration is the wait for the model (a few milliseconds when it
+        # is in): what is left is the time the request needed a slot for.
+        service = held_s - (load_s or 0.0)
         if service > 0:
             stats.service.add(service)
         if eval_s is not None and eval_s > 0 and tokens_out > 0:

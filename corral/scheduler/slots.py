@@ -304,7 +304,9 @@ class Scheduler:
                 episode = True
                 option = next((o for o in load_options(self.fleet, model, ctx, now,
                                                        job.exclude) if o.backend is b), None)
-                if option is not None:
+                # A backend busy with its own model (the load would evict a model with
+                # requests running there) is not idle: it accrues nothing.
+                if option is not None and not option.evicts_running:
                     chosen, price = job, option.price
                     break
             rate = free / b.max_concurrency if chosen is not None else 0.0

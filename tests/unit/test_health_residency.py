@@ -120,3 +120,15 @@ def test_a_load_evicts_in_corrals_view_at_once_and_answers_make_it_resident() ->
     assert fleet.load_time(b, M2) == 2.5
     assert fleet.service_time(M2) == pytest.approx(0.5)
     assert fleet.model(M2).decode.value == pytest.approx(100.0)
+
+
+def test_a_load_that_never_finished_is_forgotten_once_overdue() -> None:
+    b = Backend("gpu0", "http://x:1", 2, models=frozenset({M1, M2}))
+    fleet = Fleet([b], 2.0)
+    fleet.observe_ps(b, [{"name": M1}], now=0.0)
+    fleet.on_dispatch(b, M2, None, now=10.0, load=True)       # ready at 12.0
+    fleet.on_release(b, M2, now=10.5)                         # it failed before an answer
+    fleet.observe_ps(b, [], now=13.0)                         # not listed, not yet overdue
+    assert fleet.runner(b, M2) is not None
+    fleet.observe_ps(b, [], now=14.5)                         # a load time past due
+    assert fleet.runner(b, M2) is None and b.loaded == frozenset()
