@@ -21,6 +21,8 @@ def demo_settings(port: int, sim_ports: tuple[int, int], access_log: str) -> Set
             {"url": f"http://127.0.0.1:{sim_ports[1]}", "name": "gpu1", "max_concurrency": 2},
         ],
         "health": {"interval": "2s"},
+        # The stand-ins load a model in a second: say so until Corral has measured it.
+        "routing": {"load_time": "1s"},
         "queue": {"max_depth": 200, "max_wait": "60s"},
         "access_log": access_log,
     })

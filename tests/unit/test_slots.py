@@ -204,3 +204,23 @@ async def test_an_idle_backend_loads_after_its_rent_reaches_the_price() -> None:
     assert await waiting is b1
     assert s.loads == 1 and s.fleet.runner(b1, "m1:latest") is not None
     assert s.fleet.runner(b1, "m2:latest") is None   # what Ollama evicts for it
+
+
+async def test_a_backend_busy_with_its_own_model_accrues_no_rent() -> None:
+    s, (b0, b1), now = _resident("m1:latest", "m2:latest", slots=2)
+    for _ in range(2):
+        await s.acquire(Job("m1:latest"))            # b0 full with m1
+    own = Job("m2:latest")
+    assert await s.acquire(own) is b1                # b1 runs its own model, one slot free
+    waiting = asyncio.create_task(s.acquire(Job("m1:latest")))
+    await asyncio.sleep(0)
+    for t in (5.0, 50.0, 500.0):
+        now[0] = t
+        s.dispatch()
+        assert not waiting.done() and s.rent.accrued(b1) == 0.0
+    # Once its own work is done, b1 is idle and the waiting m1 work may take it.
+    s.release(own)
+    now[0] = 503.0
+    s.dispatch()
+    assert await waiting is b1
+    waiting.cancel()
