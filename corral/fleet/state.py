@@ -17,6 +17,7 @@ the event loop only, and nothing here reads the clock: ``now`` is a parameter.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -145,6 +146,31 @@ class Fleet:
                 out.append(b)
         return out
 
+    def guarded(self, b: Backend, r: Runner, now: float) -> bool:
+        """The no-flap guard: a model loaded less than its load time ago is not evicted
+        while it is in use — requests running or waiting for it, or asked for again
+        since its load. (One that was loaded for a single request nobody repeated may
+        go: evicting it costs nothing.)"""
+        if now - r.loaded_at >= self.load_time(b, r.model):
+            return False
+        if r.running > 0 or r.loading:
+            return True
+        stats = self.models.get(r.model)
+        return stats is not None and (stats.queued > 0 or (
+            stats.arrivals.last is not None and stats.arrivals.last >= r.loaded_at))
+
+    def protected_until(self, now: float) -> float:
+        """When the soonest no-flap guard ends (a model loaded less than its load time
+        ago is not evicted); inf when none is in force. Waiting work is looked at
+        again then: a load that was not allowed may be."""
+        soonest = math.inf
+        for b in self.backends:
+            for r in self._held[id(b)].runners.values():
+                ends = r.loaded_at + self.load_time(b, r.model)
+                if now < ends < soonest:
+                    soonest = ends
+        return soonest
+
     def victims(self, b: Backend, model: str) -> list[Runner]:
         """What Ollama evicts on ``b`` to load ``model``: nothing while it has room; a
         runner of the same model with another context length (a reload); else one
@@ -210,7 +236,9 @@ class Fleet:
         for model, ctx in seen.items():
             r = h.runners.get(model)
             if r is None or (ctx is not None and r.ctx is not None and r.ctx != ctx):
-                r = Runner(model, ctx, now, now, last_used=now)
+                # Loaded by someone else, at a time Corral does not know: not "just
+                # loaded" (the no-flap guard is for loads Corral saw happen).
+                r = Runner(model, ctx, now, -math.inf, last_used=now)
             elif ctx is not None:
                 r.ctx = ctx
             runners[model] = r

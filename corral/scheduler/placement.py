@@ -17,7 +17,8 @@ For a job of model M (with its ``num_ctx``):
 
    The cheapest load wins when it is cheaper than the wait. Candidates that evict a
    model with requests running there are used only when no other candidate exists;
-   a model loaded less than its own load time ago is never evicted (no flapping).
+   a model loaded less than its own load time ago and still in use is never evicted
+   (no flapping).
    A runner of M still loading with a free slot counts as a wait of its remaining
    load time.
 3. **The fleet's view** (``Rent``): a queue a few jobs deep is cheap for each job and
@@ -88,9 +89,8 @@ def load_options(fleet: Fleet, model: str, ctx: int | None, now: float,
                 or not b.routable(now) or fleet.resident(b, model, ctx) is not None):
             continue
         victims = fleet.victims(b, model)
-        if any(r.model != model and now - r.loaded_at < fleet.load_time(b, r.model)
-               for r in victims):
-            continue            # just loaded: not evicted again at once
+        if any(r.model != model and fleet.guarded(b, r, now) for r in victims):
+            continue            # just loaded and in use: not evicted again at once
         busy = [r for r in victims if r.running > 0 or r.loading]
         drain = max((fleet.service_time(r.model) for r in busy), default=0.0)
         price = (fleet.load_time(b, model) + drain

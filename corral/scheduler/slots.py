@@ -318,6 +318,10 @@ class Scheduler:
                 firsts.pop((chosen.model, chosen.ctx), None)
                 continue
             soonest = min(soonest, Rent.due_in(accrued, rate, price))
+        if self._waiters:
+            # A load not allowed yet (a model just loaded is not evicted at once) may
+            # be allowed then: look again without waiting for another event.
+            soonest = min(soonest, self.fleet.protected_until(now) - now)
         self._arm(now, soonest)
 
     def _arm(self, now: float, delay: float) -> None:

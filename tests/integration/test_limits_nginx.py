@@ -44,7 +44,9 @@ SIM_ARGS = ("--models", "llama3.2:latest", "--loaded", "llama3.2:latest", "--ins
 SEED_SEQUENCE = [200] * 4 + [429] * 11
 
 # A delayed request completes within [expected - EARLY, expected + LATE] of being sent.
-EARLY = 0.08
+# On a loaded two-core machine nginx itself was seen 0.13 s early (it reads its clock
+# once per event-loop turn); the cases these tests tell apart differ by 0.4 s or more.
+EARLY = 0.15
 LATE = 0.25
 # An undelayed answer (or a rejection) arrives within this.
 PROMPT = 0.2

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 
 from tests.integration.conftest import Gateway, Sim, backends
@@ -142,35 +143,24 @@ async def test_a_person_takes_the_slot_of_non_streamed_batch_work(
     assert 'corral_preemptions_total{tier="batch"} 1.0' in metrics
 
 
-async def test_a_streamed_request_is_never_cut(start_sim: Any, start_corral: Any) -> None:
-    """Low-class streams have sent tokens to their clients: the person waits."""
+@pytest.mark.parametrize(("key", "stream"), [("sk-nightly", True), ("sk-bob", False)],
+                         ids=["streamed-low-class", "non-preemptible-tier"])
+async def test_what_may_not_be_stopped_is_never_cut(start_sim: Any, start_corral: Any,
+                                                    key: str, stream: bool) -> None:
+    """Low-class streams have sent tokens to their clients, and a tier that is not
+    preemptible (basic) keeps its slots: either way the person waits for the first of
+    them to finish, and every answer is whole."""
     sim, gw = one_backend(start_sim, start_corral)
     async with aiohttp.ClientSession() as s:
-        batch = [asyncio.create_task(generate(s, gw, M1, 100, "sk-nightly", stream=True))
-                 for _ in range(2)]
+        running = [asyncio.create_task(generate(s, gw, M1, 100, key, stream=stream))
+                   for _ in range(2)]
         await asyncio.sleep(0.3)
         person = await generate(s, gw, M1, 10, "sk-alice")
-        results = await asyncio.gather(*batch)
+        results = await asyncio.gather(*running)
     assert person["_done_at"] > min(r["_done_at"] for r in results)
     for r in results:
         assert r["done"] is True and r["eval_count"] == 100
         assert not any(b'"error"' in line for line in r["_lines"])
-    assert sim.stats()["cancelled"] == 0
-    assert not any(r.get("preemptions") for r in gw.records())
-
-
-async def test_only_preemptible_tiers_are_stopped(start_sim: Any, start_corral: Any) -> None:
-    """Non-streamed work of a tier that is not preemptible (basic, normal class) keeps
-    its slots: the person waits for the first of them to finish."""
-    sim, gw = one_backend(start_sim, start_corral)
-    async with aiohttp.ClientSession() as s:
-        normal = [asyncio.create_task(generate(s, gw, M1, 100, "sk-bob", stream=False))
-                  for _ in range(2)]
-        await asyncio.sleep(0.3)
-        person = await generate(s, gw, M1, 10, "sk-alice")
-        results = await asyncio.gather(*normal)
-    assert person["_done_at"] > min(r["_done_at"] for r in results)
-    assert all(r["done"] and r["eval_count"] == 100 for r in results)
     assert sim.stats()["cancelled"] == 0
     assert not any(r.get("preemptions") for r in gw.records())
 
@@ -237,3 +227,20 @@ async def _until(condition: Any, timeout: float = 10) -> None:
 async def _metrics(gw: Gateway) -> str:
     async with aiohttp.ClientSession() as s, s.get(gw.url + "/metrics") as r:
         return await r.text()
+
+
+async def test_after_a_load_corral_asks_the_backend_what_it_evicted(
+        start_sim: Any, start_corral: Any) -> None:
+    """Probes every minute, but a load is followed by an /api/ps of that backend at once;
+    the load time is learned from the answer's load_duration."""
+    a = start_sim(*ONE_MODEL_EACH, "--loaded", M1)
+    gw = start_corral({"backends": backends(a, slots=2), "health": {"interval": "60s"}})
+    before = a.stats()["requests"].get("/api/ps", 0)
+    async with aiohttp.ClientSession() as s:
+        answer = await generate(s, gw, M2, 5)
+    assert answer["done"] and answer["load_duration"] >= 1e9       # it was loaded
+    await _until(lambda: a.stats()["requests"].get("/api/ps", 0) == before + 1)
+    [b0] = gw.status()["backends"]
+    assert [h["model"] for h in b0["holds"]] == [M2]
+    assert b0["holds"][0]["load_time_learned"] is True
+    assert 1.0 <= b0["holds"][0]["load_time_s"] < 2.0

@@ -121,11 +121,16 @@ def test_a_model_just_loaded_is_not_evicted_again_at_once() -> None:
     fleet.on_ready(b1, M1, None, now=12.0)
     fleet.on_release(b1, M1, now=12.1)
     b1.in_flight = 0
-    # M2 is now resident nowhere; b1's M1 was loaded 0.5 s ago: not a candidate.
+    # M2 is now resident nowhere. b1's M1 was loaded for one request nobody repeated:
+    # evicting it costs nothing, so it may go at once.
     assert fleet.runner(b1, M2) is None
+    assert [o.backend.name for o in load_options(fleet, M2, None, now=12.5)] == ["b1"]
+    # Asked for again since its load, it is in use: not evicted within its load time.
+    fleet.on_arrival(M1, 12.2)
     assert load_options(fleet, M2, None, now=12.5) == []
     assert place(fleet, Router(), M2, None, now=12.5).action is Action.WAIT
-    # One load time later it may go.
+    assert fleet.protected_until(12.5) == pytest.approx(14.0)
+    # One load time after it was loaded it may go.
     assert [o.backend.name for o in load_options(fleet, M2, None, now=14.5)] == ["b1"]
 
 

@@ -224,3 +224,22 @@ async def test_a_backend_busy_with_its_own_model_accrues_no_rent() -> None:
     s.dispatch()
     assert await waiting is b1
     waiting.cancel()
+
+
+async def test_work_held_back_by_the_no_flap_guard_is_looked_at_again_when_it_ends() -> None:
+    s, (b,), now = _resident("m1:latest")
+    first = Job("m2:latest")                      # resident nowhere: loaded, evicting m1
+    assert await s.acquire(first) is b and first.placement == "load"
+    now[0] = 1.0
+    s.answered(first)                             # m2 ready at 1.0
+    s.fleet.on_arrival("m2:latest", 1.05)          # and asked for again: in use
+    s.release(first)
+    now[0] = 1.5
+    waiting = asyncio.create_task(s.acquire(Job("m1:latest")))
+    await asyncio.sleep(0)
+    assert not waiting.done()                      # m2 is guarded until 3.0
+    assert s._timer_at == pytest.approx(3.0)       # and the scheduler will look then
+    now[0] = 3.01
+    s.dispatch()
+    assert await waiting is b
+    assert s.fleet.runner(b, "m1:latest") is not None
