@@ -90,6 +90,7 @@ def _register_optional() -> None:
     from corral.bench.command import bench_command
     from corral.demo import demo_command
     from corral.observe.commands import status_command, top_command
+    from corral.ops.command import systemd_command
     from corral.simulate.command import simulate_command
 
     main.add_command(simulate_command, "simulate")
@@ -97,6 +98,7 @@ def _register_optional() -> None:
     main.add_command(bench_command, "bench")
     main.add_command(status_command, "status")
     main.add_command(top_command, "top")
+    main.add_command(systemd_command, "systemd")
 
 
 _register_optional()
