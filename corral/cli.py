@@ -61,9 +61,33 @@ def check(config: Path, quiet: bool) -> None:
     if not quiet:
         click.echo(orjson.dumps(settings.model_dump(mode="json"),
                                 option=orjson.OPT_INDENT_2).decode())
-    for warning in config_warnings(settings):
+    warnings = config_warnings(settings)
+    if settings.state != "memory":
+        problem = _redis_problem(settings.state)
+        if problem is not None:
+            warnings.append(problem)
+    for warning in warnings:
         click.echo(f"corral: {config}: warning: {warning}", err=True)
     click.echo(f"corral: the configuration file {config} is valid", err=True)
+
+
+def _redis_problem(url: str, timeout: float = 2.0) -> str | None:
+    """Why the state store cannot be reached now, or None when it answers a PING."""
+    import re
+
+    import redis
+
+    shown = re.sub(r"//[^@/]*@", "//***@", url)
+    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        return f"state: Redis at {shown} refuses the credentials: {exc}"
+    except (redis.RedisError, OSError) as exc:
+        return f"state: Redis at {shown} cannot be reached now: {exc}"
+    finally:
+        client.close()
+    return None
 
 
 @main.group()

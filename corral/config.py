@@ -58,6 +58,26 @@ def check_rate(value: Any) -> str:
     return value.replace(" ", "")
 
 
+def check_redis_url(url: str) -> str:
+    """A Redis URL that names a server: a host (or a socket path), a port that is a
+    number, a database that is a number."""
+    from redis.connection import parse_url
+
+    shown = re.sub(r"//[^@/]*@", "//***@", url)     # never echo a password
+    try:
+        parts = parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise ValueError(f"invalid Redis URL {shown!r}: {exc}") from None
+    if not parts.get("host") and not parts.get("path"):
+        raise ValueError(f"invalid Redis URL {shown!r}: no host")
+    path = url.split("?", 1)[0].split("//", 1)[1].split("/", 1)
+    if url.startswith(("redis://", "rediss://")) and len(path) == 2 and path[1] \
+            and not path[1].isdigit():
+        raise ValueError(f"invalid Redis URL {shown!r}: the database must be a number, "
+                         f"not {path[1]!r}")
+    return url
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Rate = Annotated[str, BeforeValidator(check_rate)]
 
@@ -357,9 +377,11 @@ class Settings(_Model):
     @field_validator("state")
     @classmethod
     def _state(cls, value: str) -> str:
-        if value == "memory" or value.startswith(("redis://", "rediss://", "unix://")):
+        if value == "memory":
             return value
-        raise ValueError(f"invalid state {value!r}: use memory or redis://host:6379/0")
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"invalid state {value!r}: use memory or redis://host:6379/0")
+        return check_redis_url(value)
 
     @field_validator("limits", mode="before")
     @classmethod

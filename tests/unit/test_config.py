@@ -193,3 +193,35 @@ def test_retry_on_is_a_key_not_a_boolean() -> None:
 def test_a_cross_check_on_a_default_names_its_key() -> None:
     assert _errors("tiers:\n  gold: {}\n") == [
         "c.yaml: clients.default_tier: unknown tier 'basic'"]
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("redis://h:x/0", "invalid Redis URL 'redis://h:x/0': Port could not be cast"),
+    ("redis://h:6379/abc", "the database must be a number, not 'abc'"),
+    ("redis://", "invalid Redis URL 'redis://': no host"),
+    ("redis://:secret@h:99999/0", "invalid Redis URL 'redis://***@h:99999/0': Port out"),
+    ("postgres://h/0", "use memory or redis://host:6379/0"),
+])
+def test_a_malformed_state_url_says_why_and_hides_the_password(url: str, why: str) -> None:
+    [error] = _errors(f"state: '{url}'")
+    assert error.startswith("c.yaml:1: state: ") and why in error
+    assert "secret" not in error
+
+
+def test_check_says_when_the_state_store_cannot_be_reached(tmp_path: Any) -> None:
+    import socket
+
+    from click.testing import CliRunner
+
+    from corral.cli import main
+
+    with socket.socket() as s:            # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "c.yaml"
+    path.write_text(f"state: 'redis://:pw@127.0.0.1:{port}/0'\n")
+    done = CliRunner().invoke(main, ["check", "-q", "-c", str(path)])
+    assert done.exit_code == 0
+    assert (f"warning: state: Redis at redis://***@127.0.0.1:{port}/0 cannot be reached now"
+            in done.output)
+    assert "pw@" not in done.output
