@@ -1,0 +1,197 @@
+"""Backend slots in Redis, shared by every Corral replica (``state: redis://…``).
+
+Every operation is one call of ``slots.lua`` (registered once, run by EVALSHA), so it
+is atomic across replicas and costs one round trip. Notifications are Redis pub/sub
+messages published by the script itself, so telling the leader or a replica costs
+nothing extra either.
+
+Keys, under a prefix (``corral:slots:`` by default): ``waiting``, ``granted`` and
+``lease:<backend>`` per backend; channels ``<prefix>leader`` and
+``<prefix>replica:<id>``. On Redis Cluster the prefix must carry a hash tag, e.g.
+``{corral}:slots:``, so all keys share a slot.
+
+Failures: any connection, timeout or server error becomes :class:`SlotStoreError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from functools import cache
+from importlib.resources import files
+from typing import Any, Final
+
+from redis.asyncio import Redis
+from redis.asyncio import from_url as redis_from_url
+from redis.exceptions import RedisError
+
+from corral.scheduler.shared.store import (
+    LEADER,
+    Cancelled,
+    Released,
+    SlotStoreError,
+    Taken,
+    replica_channel,
+)
+
+log = logging.getLogger("corral.slots")
+
+DEFAULT_PREFIX: Final = "corral:slots:"
+# On the request path: a Redis that hangs must fail fast into the configured choice
+# (carry on with a local share of the slots, or refuse) rather than stall requests.
+DEFAULT_TIMEOUT_S: Final = 1.0
+
+
+@cache
+def _script_text() -> str:
+    prelude = files("corral.limits.storage").joinpath("prelude.lua")
+    return (prelude.read_text(encoding="utf-8") + "\n"
+            + files("corral.scheduler.shared").joinpath("slots.lua")
+            .read_text(encoding="utf-8"))
+
+
+class RedisSlotStore:
+    def __init__(self, client: Redis, *, prefix: str = DEFAULT_PREFIX,
+                 owns_client: bool = False, clock: Callable[[], int] | None = None) -> None:
+        """``clock`` (milliseconds) is sent instead of reading Redis ``TIME``: tests
+        drive this store and the memory one on one fake schedule with it."""
+        self._client = client
+        self._clock = clock
+        self._prefix = prefix
+        self._owns = owns_client
+        self._script = client.register_script(_script_text())
+        self._fixed = [prefix + "waiting", prefix + "granted"]
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX,
+                 timeout_s: float = DEFAULT_TIMEOUT_S,
+                 clock: Callable[[], int] | None = None) -> RedisSlotStore:
+        client = redis_from_url(url, socket_timeout=timeout_s,
+                                socket_connect_timeout=timeout_s)
+        return cls(client, prefix=prefix, owns_client=True, clock=clock)
+
+    @property
+    def client(self) -> Redis:
+        return self._client
+
+    def channel(self, name: str) -> str:
+        return self._prefix + name
+
+    def _lease_key(self, backend: str) -> str:
+        return f"{self._prefix}lease:{backend}"
+
+    async def _run(self, op: str, backends: Sequence[str], args: Sequence[str | int]) -> Any:
+        keys = self._fixed + [self._lease_key(b) for b in backends]
+        try:
+            now = "" if self._clock is None else str(self._clock())
+            return await self._script(keys=keys, args=[now, op, *args])
+        except (RedisError, OSError) as exc:
+            raise SlotStoreError(f"slot store ({op}): {exc}") from exc
+
+    async def acquire(self, backends: Sequence[tuple[str, int]], lease: str, ttl_ms: int,
+                      job_id: str, descriptor: bytes | None) -> Taken:
+        out = await self._run("acquire", [b for b, _ in backends],
+                              [lease, ttl_ms, job_id, descriptor or b"",
+                               self.channel(LEADER), *(cap for _, cap in backends)])
+        index, used = int(out[0]), int(out[1])
+        return Taken(index - 1 if index > 0 else None, used)
+
+    async def release(self, backend: str, lease: str, job_id: str) -> Released:
+        out = await self._run("release", [backend],
+                              [lease, job_id, self.channel(LEADER), backend])
+        return Released(bool(int(out[0])), int(out[1]), int(out[2]))
+
+    async def grant(self, job_id: str, backend: str, cap: int, lease: str, ttl_ms: int,
+                    replica: str) -> tuple[int, int]:
+        out = await self._run("grant", [backend],
+                              [job_id, lease, ttl_ms, cap,
+                               self.channel(replica_channel(replica)), backend])
+        return int(out[0]), int(out[1])
+
+    async def cancel(self, job_id: str) -> Cancelled:
+        out = await self._run("cancel", [], [job_id, self.channel(LEADER)])
+        state = int(out[0])
+        if state == 1:
+            return Cancelled("left")
+        if state == 2:
+            backend, lease = _text(out[1]).split(" ", 1)
+            return Cancelled("granted", backend, lease)
+        return Cancelled("unknown")
+
+    async def renew(self, leases: Sequence[tuple[str, str]], ttl_ms: int) -> list[int]:
+        if not leases:
+            return []
+        out = await self._run("renew", [b for b, _ in leases],
+                              [ttl_ms, *(lease for _, lease in leases)])
+        return [int(i) - 1 for i in out]
+
+    async def counts(self, backends: Sequence[str]) -> tuple[list[int], int]:
+        out = await self._run("counts", backends, [])
+        return [int(x) for x in out[:-1]], int(out[-1])
+
+    async def waiting(self) -> dict[str, bytes]:
+        try:
+            raw = await self._client.hgetall(self._fixed[0])
+        except (RedisError, OSError) as exc:
+            raise SlotStoreError(f"slot store (waiting): {exc}") from exc
+        return {_text(k): bytes(v) for k, v in raw.items()}
+
+    async def granted(self, job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        if not job_ids:
+            return {}
+        try:
+            values = await self._client.hmget(self._fixed[1], list(job_ids))
+        except (RedisError, OSError) as exc:
+            raise SlotStoreError(f"slot store (granted): {exc}") from exc
+        out = {}
+        for job, value in zip(job_ids, values, strict=True):
+            if value is not None:
+                backend, lease = _text(value).split(" ", 1)
+                out[job] = (backend, lease)
+        return out
+
+    async def listen(self, channels: Sequence[str]) -> AsyncIterator[tuple[str, str]]:
+        """Messages of ``channels`` as (channel, text); after a lost connection it
+        reconnects and yields ``("", "resync")`` first: messages sent meanwhile are
+        lost, so the consumer re-reads the state."""
+        names = {self.channel(c): c for c in channels}
+        backoff = 0.1
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(*names)
+                backoff = 0.1
+                yield "", "resync"
+                quiet = 0.0
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        # A link that died silently would block forever: ping it.
+                        quiet += 1.0
+                        if quiet >= 5.0:
+                            quiet = 0.0
+                            await pubsub.ping()
+                        continue
+                    quiet = 0.0
+                    if message.get("type") != "message":
+                        continue
+                    channel = names.get(_text(message["channel"]))
+                    if channel is not None:
+                        yield channel, _text(message["data"])
+            except (RedisError, OSError) as exc:
+                log.debug("slot notifications lost (%s); reconnecting", exc)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def close(self) -> None:
+        if self._owns:
+            await self._client.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes | bytearray) else str(value)

@@ -1,0 +1,129 @@
+-- Backend slots shared by every Corral replica. Mirrors corral/scheduler/shared/memory.py
+-- operation for operation; both pass tests/contract/test_slot_store.py.
+--
+-- A slot is a lease: a member of the backend's zset whose score is its expiry (ms).
+-- A backend's use is the number of unexpired leases, so the slots of a replica that
+-- died come back by themselves once their leases lapse; expired ones are removed by
+-- whichever operation reads the zset next.
+--
+-- KEYS[1] waiting  hash: job id -> descriptor (JSON) of jobs queued for a slot
+-- KEYS[2] granted  hash: job id -> "<backend> <lease>" of jobs given a slot, until the
+--                  replica that queued them has taken it (its grant message may be lost)
+-- KEYS[3..] the lease zsets of the backends the operation is about
+-- ARGV[1] now in ms, or "" to read the server's TIME (one clock for all replicas)
+-- ARGV[2] operation; ARGV[3..] the operation's arguments, below.
+--
+-- Channels are named from ARGV: the leader's (events that may change who goes next)
+-- and each replica's (the grants it waits for).
+
+-- The shared prelude (replication mode, `now`, `int`, `floordiv`) is prepended when
+-- the script is loaded: corral/limits/storage/prelude.lua.
+
+local WAITING, GRANTED = KEYS[1], KEYS[2]
+local op = ARGV[2]
+
+local function used(key)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  return redis.call('ZCARD', key)
+end
+
+local function take(key, lease, ttl)
+  redis.call('ZADD', key, now + ttl, lease)
+  -- The zset itself goes once its last lease would have lapsed.
+  redis.call('PEXPIRE', key, ttl * 2)
+end
+
+-- acquire: ARGV[3] lease, ARGV[4] ttl ms, ARGV[5] job id, ARGV[6] descriptor ('' =
+-- do not queue), ARGV[7] leader channel, ARGV[8..] the cap of each KEYS[3..] backend,
+-- in the order of preference. Nobody waiting: the first backend with a free slot is
+-- taken -> {index (1-based), its use}. Otherwise the job is queued (and the leader
+-- told) -> {0, jobs waiting}. A job never overtakes one that waits.
+if op == 'acquire' then
+  local lease, ttl, job, desc, chan = ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+  local waiting = redis.call('HLEN', WAITING)
+  if waiting == 0 then
+    for i = 3, #KEYS do
+      local n = used(KEYS[i])
+      if n < tonumber(ARGV[i + 5]) then
+        take(KEYS[i], lease, ttl)
+        return {i - 2, n + 1}
+      end
+    end
+  end
+  if desc == '' then return {0, waiting} end
+  if redis.call('HSETNX', WAITING, job, desc) == 1 then
+    redis.call('PUBLISH', chan, 'enq ' .. job)
+    waiting = waiting + 1
+  end
+  return {0, waiting}
+end
+
+-- release: KEYS[3] the backend's leases; ARGV[3] lease, ARGV[4] job id, ARGV[5]
+-- leader channel, ARGV[6] backend name. {1 released | 0 the lease had lapsed and
+-- was taken back (a late release: nothing is freed twice), use, jobs waiting}.
+if op == 'release' then
+  local removed = redis.call('ZREM', KEYS[3], ARGV[3])
+  redis.call('HDEL', GRANTED, ARGV[4])
+  local n = used(KEYS[3])
+  local waiting = redis.call('HLEN', WAITING)
+  if removed == 1 and waiting > 0 then
+    redis.call('PUBLISH', ARGV[5], 'rel ' .. ARGV[6])
+  end
+  return {removed, n, waiting}
+end
+
+-- grant (the leader): KEYS[3] the backend's leases; ARGV[3] job id, ARGV[4] lease,
+-- ARGV[5] ttl, ARGV[6] cap, ARGV[7] the job's replica's channel, ARGV[8] backend.
+-- {1 granted | 0 the job is no longer waiting | -1 no free slot, use}.
+if op == 'grant' then
+  local job, lease, ttl, cap = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+  if redis.call('HEXISTS', WAITING, job) == 0 then return {0, -1} end
+  local n = used(KEYS[3])
+  if n >= cap then return {-1, n} end
+  take(KEYS[3], lease, ttl)
+  redis.call('HDEL', WAITING, job)
+  redis.call('HSET', GRANTED, job, ARGV[8] .. ' ' .. lease)
+  redis.call('PUBLISH', ARGV[7], 'grant ' .. job .. ' ' .. ARGV[8] .. ' ' .. lease)
+  return {1, n + 1}
+end
+
+-- cancel: ARGV[3] job id, ARGV[4] leader channel. The job leaves the queue -> {1, ''};
+-- or it had been granted a slot in the meantime -> {2, "<backend> <lease>"} (the
+-- caller releases it, or uses it); or it is unknown -> {0, ''}.
+if op == 'cancel' then
+  if redis.call('HDEL', WAITING, ARGV[3]) == 1 then
+    redis.call('PUBLISH', ARGV[4], 'cancel ' .. ARGV[3])
+    return {1, ''}
+  end
+  local grant = redis.call('HGET', GRANTED, ARGV[3])
+  if grant then
+    redis.call('HDEL', GRANTED, ARGV[3])
+    return {2, grant}
+  end
+  return {0, ''}
+end
+
+-- renew: KEYS[3..] backends; ARGV[3] ttl, ARGV[4..] one lease per key. A lease still
+-- there (even past its time, when nobody has taken the slot back yet) is extended;
+-- -> the 1-based indexes of the leases that were gone (lost: the slot was taken back).
+if op == 'renew' then
+  local ttl, lost = tonumber(ARGV[3]), {}
+  for i = 3, #KEYS do
+    if redis.call('ZSCORE', KEYS[i], ARGV[i + 1]) then
+      take(KEYS[i], ARGV[i + 1], ttl)
+    else
+      table.insert(lost, i - 2)
+    end
+  end
+  return lost
+end
+
+-- counts: KEYS[3..] backends -> the use of each, then the number of jobs waiting.
+if op == 'counts' then
+  local out = {}
+  for i = 3, #KEYS do table.insert(out, used(KEYS[i])) end
+  table.insert(out, redis.call('HLEN', WAITING))
+  return out
+end
+
+return redis.error_reply('slots.lua: unknown operation ' .. tostring(op))

@@ -1,0 +1,197 @@
+"""Backend slots shared by replicas: the storage protocol and its in-memory form.
+
+One atomic operation per step of a slot's life, the same on every store:
+
+- ``acquire`` — when nobody waits, take a free slot on the first of the given backends
+  that has one; otherwise (or when none is free) queue the job and tell the leader.
+  A job never overtakes one that waits, whichever replica it came through.
+- ``release`` — give a slot back; tell the leader when jobs wait. A lease that had
+  lapsed and was taken back is not freed twice (a *late* release).
+- ``grant`` — the leader gives a waiting job a slot; the job's replica is told.
+- ``cancel`` — a job leaves the queue (its client left, it timed out), or learns the
+  slot it was granted meanwhile.
+- ``renew`` — leases of requests still running are extended; lost ones are named.
+- ``counts`` — each backend's use and the number of jobs waiting.
+
+Notifications go to channels: ``leader`` (``enq <job>``, ``rel <backend>``,
+``cancel <job>``) and ``replica:<id>`` (``grant <job> <backend> <lease>``); ``listen``
+yields them. ``MemorySlotStore`` keeps all of it in the process (the contract tests'
+reference, and what a replica uses on its own while the shared store is away);
+``RedisSlotStore`` keeps it in Redis for every replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+LEADER = "leader"
+
+
+def replica_channel(replica: str) -> str:
+    return f"replica:{replica}"
+
+
+class SlotStoreError(Exception):
+    """The shared store could not be reached or answered an error."""
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    index: int | None      # the backend taken (0-based, in the order given); None: queued
+    used: int              # its slots in use now (or, queued, the jobs waiting)
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    released: bool         # False: the lease had lapsed and the slot was taken back
+    used: int
+    waiting: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    state: Literal["left", "granted", "unknown"]
+    backend: str | None = None    # granted: the slot it had been given meanwhile
+    lease: str | None = None
+
+
+class SlotStore(Protocol):
+    async def acquire(self, backends: Sequence[tuple[str, int]], lease: str, ttl_ms: int,
+                      job_id: str, descriptor: bytes | None) -> Taken: ...
+
+    async def release(self, backend: str, lease: str, job_id: str) -> Released: ...
+
+    async def grant(self, job_id: str, backend: str, cap: int, lease: str, ttl_ms: int,
+                    replica: str) -> tuple[int, int]: ...
+
+    async def cancel(self, job_id: str) -> Cancelled: ...
+
+    async def renew(self, leases: Sequence[tuple[str, str]], ttl_ms: int) -> list[int]: ...
+
+    async def counts(self, backends: Sequence[str]) -> tuple[list[int], int]: ...
+
+    async def waiting(self) -> dict[str, bytes]: ...
+
+    async def granted(self, job_ids: Sequence[str]) -> dict[str, tuple[str, str]]: ...
+
+    def listen(self, channels: Sequence[str]) -> AsyncIterator[tuple[str, str]]: ...
+
+    async def close(self) -> None: ...
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class _Bus:
+    subscribers: list[tuple[frozenset[str], asyncio.Queue[tuple[str, str]]]] = field(
+        default_factory=list)
+
+    def publish(self, channel: str, message: str) -> None:
+        for channels, queue in self.subscribers:
+            if channel in channels:
+                queue.put_nowait((channel, message))
+
+
+class MemorySlotStore:
+    """:class:`SlotStore` in the process; ``clock`` gives milliseconds."""
+
+    def __init__(self, clock: Callable[[], int] = _ms) -> None:
+        self.clock = clock
+        self._leases: dict[str, dict[str, int]] = {}     # backend -> lease -> expiry
+        self._waiting: dict[str, bytes] = {}
+        self._granted: dict[str, tuple[str, str]] = {}
+        self._bus = _Bus()
+
+    def _used(self, backend: str, now: int) -> int:
+        leases = self._leases.setdefault(backend, {})
+        for lease in [k for k, expiry in leases.items() if expiry <= now]:
+            del leases[lease]
+        return len(leases)
+
+    async def acquire(self, backends: Sequence[tuple[str, int]], lease: str, ttl_ms: int,
+                      job_id: str, descriptor: bytes | None) -> Taken:
+        now = self.clock()
+        if not self._waiting:
+            for i, (backend, cap) in enumerate(backends):
+                n = self._used(backend, now)
+                if n < cap:
+                    self._leases[backend][lease] = now + ttl_ms
+                    return Taken(i, n + 1)
+        if descriptor is None:
+            return Taken(None, len(self._waiting))
+        if job_id not in self._waiting:
+            self._waiting[job_id] = descriptor
+            self._bus.publish(LEADER, f"enq {job_id}")
+        return Taken(None, len(self._waiting))
+
+    async def release(self, backend: str, lease: str, job_id: str) -> Released:
+        now = self.clock()
+        removed = self._leases.setdefault(backend, {}).pop(lease, None) is not None
+        self._granted.pop(job_id, None)
+        n = self._used(backend, now)
+        if removed and self._waiting:
+            self._bus.publish(LEADER, f"rel {backend}")
+        return Released(removed, n, len(self._waiting))
+
+    async def grant(self, job_id: str, backend: str, cap: int, lease: str, ttl_ms: int,
+                    replica: str) -> tuple[int, int]:
+        now = self.clock()
+        if job_id not in self._waiting:
+            return 0, -1
+        n = self._used(backend, now)
+        if n >= cap:
+            return -1, n
+        self._leases[backend][lease] = now + ttl_ms
+        del self._waiting[job_id]
+        self._granted[job_id] = (backend, lease)
+        self._bus.publish(replica_channel(replica), f"grant {job_id} {backend} {lease}")
+        return 1, n + 1
+
+    async def cancel(self, job_id: str) -> Cancelled:
+        if self._waiting.pop(job_id, None) is not None:
+            self._bus.publish(LEADER, f"cancel {job_id}")
+            return Cancelled("left")
+        grant = self._granted.pop(job_id, None)
+        if grant is not None:
+            return Cancelled("granted", grant[0], grant[1])
+        return Cancelled("unknown")
+
+    async def renew(self, leases: Sequence[tuple[str, str]], ttl_ms: int) -> list[int]:
+        now = self.clock()
+        lost = []
+        for i, (backend, lease) in enumerate(leases):
+            held = self._leases.setdefault(backend, {})
+            if lease in held:
+                held[lease] = now + ttl_ms
+            else:
+                lost.append(i)
+        return lost
+
+    async def counts(self, backends: Sequence[str]) -> tuple[list[int], int]:
+        now = self.clock()
+        return [self._used(b, now) for b in backends], len(self._waiting)
+
+    async def waiting(self) -> dict[str, bytes]:
+        return dict(self._waiting)
+
+    async def granted(self, job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        return {j: self._granted[j] for j in job_ids if j in self._granted}
+
+    async def listen(self, channels: Sequence[str]) -> AsyncIterator[tuple[str, str]]:
+        queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        entry = (frozenset(channels), queue)
+        self._bus.subscribers.append(entry)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._bus.subscribers.remove(entry)
+
+    async def close(self) -> None:
+        return None

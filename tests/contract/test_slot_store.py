@@ -1,0 +1,164 @@
+"""One contract for every slot store: the in-memory one and Redis (a real server)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from corral.scheduler.shared.redis import RedisSlotStore
+from corral.scheduler.shared.store import (
+    LEADER,
+    MemorySlotStore,
+    SlotStore,
+    Taken,
+    replica_channel,
+)
+from tests.contract.limit_store_support import FakeClock
+
+TTL = 10_000
+
+
+@pytest.fixture
+async def slots(backend: str, clock: FakeClock) -> AsyncIterator[SlotStore]:
+    if backend == "memory":
+        store: SlotStore = MemorySlotStore(clock)
+    else:
+        # A prefix of its own per test: nothing leaks from one test into another.
+        store = RedisSlotStore.from_url(backend, prefix=f"t{uuid.uuid4().hex[:8]}:",
+                                        clock=clock)
+        # Only the clock of operations is faked: key TTLs still run on Redis's own.
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+class Listener:
+    """Collects what a channel receives, in the background."""
+
+    def __init__(self, store: SlotStore, channel: str) -> None:
+        self.messages: list[str] = []
+        self._ready = asyncio.Event()
+        self._task = asyncio.create_task(self._run(store, channel))
+
+    async def _run(self, store: SlotStore, channel: str) -> None:
+        async for _, message in store.listen([channel]):
+            if message == "resync":
+                self._ready.set()
+                continue
+            self.messages.append(message)
+
+    async def wait_for(self, count: int) -> list[str]:
+        for _ in range(200):
+            if len(self.messages) >= count:
+                return self.messages
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"only {self.messages} arrived")
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await self._task
+
+
+async def listen(store: SlotStore, channel: str) -> Listener:
+    listener = Listener(store, channel)
+    if isinstance(store, RedisSlotStore):
+        await asyncio.wait_for(listener._ready.wait(), 5)
+    else:
+        await asyncio.sleep(0)
+    return listener
+
+
+async def test_free_slots_are_taken_in_the_order_given_up_to_each_cap(slots: SlotStore) -> None:
+    backends = [("a", 1), ("b", 2)]
+    taken = [await slots.acquire(backends, f"l{i}", TTL, f"j{i}", None) for i in range(4)]
+    assert taken == [Taken(0, 1), Taken(1, 1), Taken(1, 2), Taken(None, 0)]
+    assert await slots.counts(["a", "b"]) == ([1, 2], 0)
+
+
+async def test_a_released_slot_is_free_again_and_a_late_release_frees_nothing(
+        slots: SlotStore, clock: FakeClock) -> None:
+    await slots.acquire([("a", 1)], "l1", TTL, "j1", None)
+    released = await slots.release("a", "l1", "j1")
+    assert released.released and released.used == 0
+    assert (await slots.acquire([("a", 1)], "l2", TTL, "j2", None)).index == 0
+    clock.advance(TTL + 1)                      # l2 lapses: the slot comes back by itself
+    assert (await slots.acquire([("a", 1)], "l3", TTL, "j3", None)).index == 0
+    late = await slots.release("a", "l2", "j2")      # l2's request ends after all
+    assert not late.released and late.used == 1     # l3 keeps its slot
+    assert await slots.counts(["a"]) == ([1], 0)
+
+
+async def test_renewal_keeps_a_running_request_and_names_lost_leases(
+        slots: SlotStore, clock: FakeClock) -> None:
+    await slots.acquire([("a", 2)], "kept", TTL, "j1", None)
+    await slots.acquire([("a", 2)], "lost", TTL, "j2", None)
+    clock.advance(TTL - 1)
+    assert await slots.renew([("a", "kept")], TTL) == []
+    clock.advance(2)                            # "lost" lapsed; another replica takes it
+    assert (await slots.acquire([("a", 2)], "other", TTL, "j3", None)).index == 0
+    assert await slots.renew([("a", "kept"), ("a", "lost")], TTL) == [1]
+    assert await slots.counts(["a"]) == ([2], 0)
+
+
+async def test_a_waiting_job_is_never_overtaken_and_the_leader_is_told(
+        slots: SlotStore) -> None:
+    leader = await listen(slots, LEADER)
+    await slots.acquire([("a", 1)], "l1", TTL, "j1", b"{}")
+    queued = await slots.acquire([("a", 1)], "l2", TTL, "j2", b'{"n":2}')
+    assert queued == Taken(None, 1)
+    # The same job queued twice is one waiting job.
+    assert (await slots.acquire([("a", 1)], "l2b", TTL, "j2", b'{"n":2}')) == Taken(None, 1)
+    # A backend with room does not let a newcomer past a waiting job either.
+    assert (await slots.acquire([("b", 5)], "l3", TTL, "j3", b'{"n":3}')) == Taken(None, 2)
+    assert await slots.waiting() == {"j2": b'{"n":2}', "j3": b'{"n":3}'}
+    released = await slots.release("a", "l1", "j1")
+    assert released.released and released.waiting == 2
+    assert await leader.wait_for(3) == ["enq j2", "enq j3", "rel a"]
+    await leader.stop()
+
+
+async def test_grant_gives_a_waiting_job_its_slot_and_tells_its_replica(
+        slots: SlotStore) -> None:
+    replica = await listen(slots, replica_channel("r1"))
+    await slots.acquire([("a", 1)], "busy", TTL, "j0", None)
+    await slots.acquire([("a", 1)], "l1", TTL, "j1", b"{}")
+    assert await slots.grant("j1", "a", 1, "l1", TTL, "r1") == (-1, 1)     # still full
+    await slots.release("a", "busy", "j0")
+    assert await slots.grant("j1", "a", 1, "l1", TTL, "r1") == (1, 1)
+    assert await slots.grant("j1", "a", 1, "l1", TTL, "r1") == (0, -1)     # not waiting
+    assert await replica.wait_for(1) == ["grant j1 a l1"]
+    assert await slots.waiting() == {}
+    # The grant is kept until the replica takes the slot (a lost message is recovered).
+    assert await slots.granted(["j1", "jx"]) == {"j1": ("a", "l1")}
+    await slots.release("a", "l1", "j1")
+    assert await slots.granted(["j1"]) == {}
+    await replica.stop()
+
+
+async def test_cancel_leaves_the_queue_or_returns_the_slot_granted_meanwhile(
+        slots: SlotStore) -> None:
+    await slots.acquire([("a", 1)], "busy", TTL, "j0", None)
+    await slots.acquire([("a", 1)], "l1", TTL, "j1", b"{}")
+    await slots.acquire([("a", 1)], "l2", TTL, "j2", b"{}")
+    left = await slots.cancel("j1")
+    assert left.state == "left" and await slots.waiting() == {"j2": b"{}"}
+    await slots.release("a", "busy", "j0")
+    assert (await slots.grant("j2", "a", 1, "l2", TTL, "r1"))[0] == 1
+    granted = await slots.cancel("j2")
+    assert (granted.state, granted.backend, granted.lease) == ("granted", "a", "l2")
+    assert (await slots.cancel("j2")).state == "unknown"
+    assert (await slots.release("a", "l2", "j2")).released
+
+
+async def test_a_dead_replicas_slots_come_back_within_the_ttl(
+        slots: SlotStore, clock: FakeClock) -> None:
+    for i in range(3):
+        await slots.acquire([("a", 3)], f"dead{i}", TTL, f"j{i}", None)
+    assert (await slots.acquire([("a", 3)], "x", TTL, "jx", None)).index is None
+    clock.advance(TTL)
+    assert await slots.counts(["a"]) == ([0], 0)
