@@ -82,7 +82,8 @@ class RedisSlotStore:
     def _lease_key(self, backend: str) -> str:
         return f"{self._prefix}lease:{backend}"
 
-    async def _run(self, op: str, backends: Sequence[str], args: Sequence[str | int]) -> Any:
+    async def _run(self, op: str, backends: Sequence[str],
+                   args: Sequence[str | int | bytes]) -> Any:
         keys = self._fixed + [self._lease_key(b) for b in backends]
         try:
             now = "" if self._clock is None else str(self._clock())
@@ -136,7 +137,8 @@ class RedisSlotStore:
             raw = await self._client.hgetall(self._fixed[0])
         except (RedisError, OSError) as exc:
             raise SlotStoreError(f"slot store (waiting): {exc}") from exc
-        return {_text(k): bytes(v) for k, v in raw.items()}
+        return {_text(k): v if isinstance(v, bytes) else str(v).encode()
+                for k, v in raw.items()}
 
     async def granted(self, job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
         if not job_ids:
@@ -184,7 +186,7 @@ class RedisSlotStore:
                 log.debug("slot notifications lost (%s); reconnecting", exc)
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
