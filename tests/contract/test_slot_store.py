@@ -162,3 +162,27 @@ async def test_a_dead_replicas_slots_come_back_within_the_ttl(
     assert (await slots.acquire([("a", 3)], "x", TTL, "jx", None)).index is None
     clock.advance(TTL)
     assert await slots.counts(["a"]) == ([0], 0)
+
+
+async def test_one_leader_at_a_time_until_its_lease_lapses(
+        slots: SlotStore, clock: FakeClock) -> None:
+    assert await slots.lead("r1", 3000) == (True, "r1")
+    assert await slots.lead("r2", 3000) == (False, "r1")
+    clock.advance(2000)
+    assert await slots.lead("r1", 3000) == (True, "r1")      # kept by calling again
+    clock.advance(2500)
+    assert await slots.lead("r2", 3000) == (False, "r1")
+    assert not await slots.resign("r2")
+    assert await slots.resign("r1")
+    assert await slots.lead("r2", 3000) == (True, "r2")
+
+
+async def test_charges_made_without_the_leader_are_taken_in_once(slots: SlotStore) -> None:
+    await slots.acquire([("a", 2)], "l1", TTL, "j1", None, client="alice", charge=30.0)
+    await slots.acquire([("a", 2)], "l2", TTL, "j2", None, client="bob", charge=5.0)
+    queued = await slots.acquire([("a", 2)], "l3", TTL, "j3", b"{}", client="bob",
+                                 charge=7.0)
+    assert queued.index is None                 # queued: the leader charges it, not this
+    await slots.release("a", "l1", "j1", client="alice", correction=-12.5)
+    assert await slots.charges() == {"alice": 17.5, "bob": 5.0}
+    assert await slots.charges() == {}

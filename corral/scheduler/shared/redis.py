@@ -62,7 +62,8 @@ class RedisSlotStore:
         self._prefix = prefix
         self._owns = owns_client
         self._script = client.register_script(_script_text())
-        self._fixed = [prefix + "waiting", prefix + "granted"]
+        self._fixed = [prefix + "waiting", prefix + "granted", prefix + "charges",
+                       prefix + "leader"]
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX,
@@ -92,16 +93,20 @@ class RedisSlotStore:
             raise SlotStoreError(f"slot store ({op}): {exc}") from exc
 
     async def acquire(self, backends: Sequence[tuple[str, int]], lease: str, ttl_ms: int,
-                      job_id: str, descriptor: bytes | None) -> Taken:
+                      job_id: str, descriptor: bytes | None, client: str = "",
+                      charge: float = 0.0) -> Taken:
         out = await self._run("acquire", [b for b, _ in backends],
                               [lease, ttl_ms, job_id, descriptor or b"",
-                               self.channel(LEADER), *(cap for _, cap in backends)])
+                               self.channel(LEADER), client, repr(float(charge)),
+                               *(cap for _, cap in backends)])
         index, used = int(out[0]), int(out[1])
         return Taken(index - 1 if index > 0 else None, used)
 
-    async def release(self, backend: str, lease: str, job_id: str) -> Released:
+    async def release(self, backend: str, lease: str, job_id: str, client: str = "",
+                      correction: float = 0.0) -> Released:
         out = await self._run("release", [backend],
-                              [lease, job_id, self.channel(LEADER), backend])
+                              [lease, job_id, self.channel(LEADER), backend, client,
+                               repr(float(correction))])
         return Released(bool(int(out[0])), int(out[1]), int(out[2]))
 
     async def grant(self, job_id: str, backend: str, cap: int, lease: str, ttl_ms: int,
@@ -153,6 +158,18 @@ class RedisSlotStore:
                 backend, lease = _text(value).split(" ", 1)
                 out[job] = (backend, lease)
         return out
+
+    async def lead(self, replica: str, ttl_ms: int) -> tuple[bool, str]:
+        out = await self._run("lead", [], [replica, ttl_ms])
+        return bool(int(out[0])), _text(out[1])
+
+    async def resign(self, replica: str) -> bool:
+        out = await self._run("resign", [], [replica])
+        return bool(int(out[0]))
+
+    async def charges(self) -> dict[str, float]:
+        out = await self._run("charges", [], [])
+        return {_text(out[i]): float(out[i + 1]) for i in range(0, len(out), 2)}
 
     async def listen(self, channels: Sequence[str]) -> AsyncIterator[tuple[str, str]]:
         """Messages of ``channels`` as (channel, text); after a lost connection it

@@ -9,7 +9,9 @@
 -- KEYS[1] waiting  hash: job id -> descriptor (JSON) of jobs queued for a slot
 -- KEYS[2] granted  hash: job id -> "<backend> <lease>" of jobs given a slot, until the
 --                  replica that queued them has taken it (its grant message may be lost)
--- KEYS[3..] the lease zsets of the backends the operation is about
+-- KEYS[3] charges hash: client -> fair-share service not yet taken in by the leader
+-- KEYS[4] leader   string: the id of the replica that orders the queue (with a TTL)
+-- KEYS[5..] the lease zsets of the backends the operation is about
 -- ARGV[1] now in ms, or "" to read the server's TIME (one clock for all replicas)
 -- ARGV[2] operation; ARGV[3..] the operation's arguments, below.
 --
@@ -19,8 +21,18 @@
 -- The shared prelude (replication mode, `now`, `int`, `floordiv`) is prepended when
 -- the script is loaded: corral/limits/storage/prelude.lua.
 
-local WAITING, GRANTED = KEYS[1], KEYS[2]
+local WAITING, GRANTED, CHARGES, LEADER = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local FIRST = 5                -- KEYS[FIRST..] are lease zsets
 local op = ARGV[2]
+
+-- Fair-share service a replica charged on its own (a slot taken without the leader,
+-- or the correction once a request's real token counts are known): the leader adds
+-- it to the counters it orders the queue by.
+local function charge(client, amount)
+  if client ~= '' and tonumber(amount) ~= 0 then
+    redis.call('HINCRBYFLOAT', CHARGES, client, amount)
+  end
+end
 
 local function used(key)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
@@ -34,19 +46,21 @@ local function take(key, lease, ttl)
 end
 
 -- acquire: ARGV[3] lease, ARGV[4] ttl ms, ARGV[5] job id, ARGV[6] descriptor ('' =
--- do not queue), ARGV[7] leader channel, ARGV[8..] the cap of each KEYS[3..] backend,
--- in the order of preference. Nobody waiting: the first backend with a free slot is
--- taken -> {index (1-based), its use}. Otherwise the job is queued (and the leader
--- told) -> {0, jobs waiting}. A job never overtakes one that waits.
+-- do not queue), ARGV[7] leader channel, ARGV[8] client, ARGV[9] its charge when a
+-- slot is taken, ARGV[10..] the cap of each KEYS[FIRST..] backend, in the order of
+-- preference. Nobody waiting: the first backend with a free slot is taken -> {index
+-- (1-based), its use}. Otherwise the job is queued (and the leader told) -> {0, jobs
+-- waiting}. A job never overtakes one that waits.
 if op == 'acquire' then
   local lease, ttl, job, desc, chan = ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
   local waiting = redis.call('HLEN', WAITING)
   if waiting == 0 then
-    for i = 3, #KEYS do
+    for i = FIRST, #KEYS do
       local n = used(KEYS[i])
-      if n < tonumber(ARGV[i + 5]) then
+      if n < tonumber(ARGV[i + 10 - FIRST]) then
         take(KEYS[i], lease, ttl)
-        return {i - 2, n + 1}
+        charge(ARGV[8], ARGV[9])
+        return {i - FIRST + 1, n + 1}
       end
     end
   end
@@ -58,13 +72,15 @@ if op == 'acquire' then
   return {0, waiting}
 end
 
--- release: KEYS[3] the backend's leases; ARGV[3] lease, ARGV[4] job id, ARGV[5]
--- leader channel, ARGV[6] backend name. {1 released | 0 the lease had lapsed and
--- was taken back (a late release: nothing is freed twice), use, jobs waiting}.
+-- release: KEYS[FIRST] the backend's leases; ARGV[3] lease, ARGV[4] job id, ARGV[5]
+-- leader channel, ARGV[6] backend name, ARGV[7] client, ARGV[8] the correction of its
+-- charge. {1 released | 0 the lease had lapsed and was taken back (a late release:
+-- nothing is freed twice), use, jobs waiting}.
 if op == 'release' then
-  local removed = redis.call('ZREM', KEYS[3], ARGV[3])
+  local removed = redis.call('ZREM', KEYS[FIRST], ARGV[3])
   redis.call('HDEL', GRANTED, ARGV[4])
-  local n = used(KEYS[3])
+  charge(ARGV[7], ARGV[8])
+  local n = used(KEYS[FIRST])
   local waiting = redis.call('HLEN', WAITING)
   if removed == 1 and waiting > 0 then
     redis.call('PUBLISH', ARGV[5], 'rel ' .. ARGV[6])
@@ -72,15 +88,15 @@ if op == 'release' then
   return {removed, n, waiting}
 end
 
--- grant (the leader): KEYS[3] the backend's leases; ARGV[3] job id, ARGV[4] lease,
+-- grant (the leader): KEYS[FIRST] the backend's leases; ARGV[3] job id, ARGV[4] lease,
 -- ARGV[5] ttl, ARGV[6] cap, ARGV[7] the job's replica's channel, ARGV[8] backend.
 -- {1 granted | 0 the job is no longer waiting | -1 no free slot, use}.
 if op == 'grant' then
   local job, lease, ttl, cap = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
   if redis.call('HEXISTS', WAITING, job) == 0 then return {0, -1} end
-  local n = used(KEYS[3])
+  local n = used(KEYS[FIRST])
   if n >= cap then return {-1, n} end
-  take(KEYS[3], lease, ttl)
+  take(KEYS[FIRST], lease, ttl)
   redis.call('HDEL', WAITING, job)
   redis.call('HSET', GRANTED, job, ARGV[8] .. ' ' .. lease)
   redis.call('PUBLISH', ARGV[7], 'grant ' .. job .. ' ' .. ARGV[8] .. ' ' .. lease)
@@ -103,27 +119,56 @@ if op == 'cancel' then
   return {0, ''}
 end
 
--- renew: KEYS[3..] backends; ARGV[3] ttl, ARGV[4..] one lease per key. A lease still
--- there (even past its time, when nobody has taken the slot back yet) is extended;
--- -> the 1-based indexes of the leases that were gone (lost: the slot was taken back).
+-- renew: KEYS[FIRST..] backends; ARGV[3] ttl, ARGV[4..] one lease per key. A lease
+-- still there (even past its time, when nobody has taken the slot back yet) is
+-- extended; -> the 1-based indexes of the leases that were gone (lost: the slot was
+-- taken back).
 if op == 'renew' then
   local ttl, lost = tonumber(ARGV[3]), {}
-  for i = 3, #KEYS do
-    if redis.call('ZSCORE', KEYS[i], ARGV[i + 1]) then
-      take(KEYS[i], ARGV[i + 1], ttl)
+  for i = FIRST, #KEYS do
+    local lease = ARGV[i + 4 - FIRST]
+    if redis.call('ZSCORE', KEYS[i], lease) then
+      take(KEYS[i], lease, ttl)
     else
-      table.insert(lost, i - 2)
+      table.insert(lost, i - FIRST + 1)
     end
   end
   return lost
 end
 
--- counts: KEYS[3..] backends -> the use of each, then the number of jobs waiting.
+-- counts: KEYS[FIRST..] backends -> the use of each, then the number of jobs waiting.
 if op == 'counts' then
   local out = {}
-  for i = 3, #KEYS do table.insert(out, used(KEYS[i])) end
+  for i = FIRST, #KEYS do table.insert(out, used(KEYS[i])) end
   table.insert(out, redis.call('HLEN', WAITING))
   return out
+end
+
+-- lead: ARGV[3] replica id, ARGV[4] ttl ms. Become the leader when there is none, or
+-- stay it -> {1 | 0, the leader's id}.
+if op == 'lead' then
+  local current = redis.call('GET', LEADER)
+  if not current or current == ARGV[3] then
+    redis.call('SET', LEADER, ARGV[3], 'PX', tonumber(ARGV[4]))
+    return {1, ARGV[3]}
+  end
+  return {0, current}
+end
+
+-- resign: ARGV[3] replica id. Stop leading (a replica shutting down) -> {1 | 0}.
+if op == 'resign' then
+  if redis.call('GET', LEADER) == ARGV[3] then
+    redis.call('DEL', LEADER)
+    return {1}
+  end
+  return {0}
+end
+
+-- charges: take in the charges made since the last call -> {client, amount, ...}.
+if op == 'charges' then
+  local all = redis.call('HGETALL', CHARGES)
+  redis.call('DEL', CHARGES)
+  return all
 end
 
 return redis.error_reply('slots.lua: unknown operation ' .. tostring(op))

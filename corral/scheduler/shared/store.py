@@ -12,6 +12,11 @@ One atomic operation per step of a slot's life, the same on every store:
   slot it was granted meanwhile.
 - ``renew`` — leases of requests still running are extended; lost ones are named.
 - ``counts`` — each backend's use and the number of jobs waiting.
+- ``lead`` / ``resign`` — one replica at a time orders the queue (a lease on
+  leadership, kept by calling ``lead`` again before it lapses).
+- ``charges`` — fair-share service charged by replicas on their own (a slot taken
+  without the leader; the correction once a request's real token counts are known),
+  taken in by the leader; ``acquire`` and ``release`` record them at no extra cost.
 
 Notifications go to channels: ``leader`` (``enq <job>``, ``rel <backend>``,
 ``cancel <job>``) and ``replica:<id>`` (``grant <job> <backend> <lease>``); ``listen``
@@ -61,9 +66,11 @@ class Cancelled:
 
 class SlotStore(Protocol):
     async def acquire(self, backends: Sequence[tuple[str, int]], lease: str, ttl_ms: int,
-                      job_id: str, descriptor: bytes | None) -> Taken: ...
+                      job_id: str, descriptor: bytes | None, client: str = "",
+                      charge: float = 0.0) -> Taken: ...
 
-    async def release(self, backend: str, lease: str, job_id: str) -> Released: ...
+    async def release(self, backend: str, lease: str, job_id: str, client: str = "",
+                      correction: float = 0.0) -> Released: ...
 
     async def grant(self, job_id: str, backend: str, cap: int, lease: str, ttl_ms: int,
                     replica: str) -> tuple[int, int]: ...
@@ -77,6 +84,12 @@ class SlotStore(Protocol):
     async def waiting(self) -> dict[str, bytes]: ...
 
     async def granted(self, job_ids: Sequence[str]) -> dict[str, tuple[str, str]]: ...
+
+    async def lead(self, replica: str, ttl_ms: int) -> tuple[bool, str]: ...
+
+    async def resign(self, replica: str) -> bool: ...
+
+    async def charges(self) -> dict[str, float]: ...
 
     def listen(self, channels: Sequence[str]) -> AsyncIterator[tuple[str, str]]: ...
 
@@ -106,7 +119,13 @@ class MemorySlotStore:
         self._leases: dict[str, dict[str, int]] = {}     # backend -> lease -> expiry
         self._waiting: dict[str, bytes] = {}
         self._granted: dict[str, tuple[str, str]] = {}
+        self._charges: dict[str, float] = {}
+        self._leader: tuple[str, int] | None = None     # (replica, expiry)
         self._bus = _Bus()
+
+    def _charge(self, client: str, amount: float) -> None:
+        if client and amount:
+            self._charges[client] = self._charges.get(client, 0.0) + amount
 
     def _used(self, backend: str, now: int) -> int:
         leases = self._leases.setdefault(backend, {})
@@ -115,13 +134,15 @@ class MemorySlotStore:
         return len(leases)
 
     async def acquire(self, backends: Sequence[tuple[str, int]], lease: str, ttl_ms: int,
-                      job_id: str, descriptor: bytes | None) -> Taken:
+                      job_id: str, descriptor: bytes | None, client: str = "",
+                      charge: float = 0.0) -> Taken:
         now = self.clock()
         if not self._waiting:
             for i, (backend, cap) in enumerate(backends):
                 n = self._used(backend, now)
                 if n < cap:
                     self._leases[backend][lease] = now + ttl_ms
+                    self._charge(client, charge)
                     return Taken(i, n + 1)
         if descriptor is None:
             return Taken(None, len(self._waiting))
@@ -130,10 +151,12 @@ class MemorySlotStore:
             self._bus.publish(LEADER, f"enq {job_id}")
         return Taken(None, len(self._waiting))
 
-    async def release(self, backend: str, lease: str, job_id: str) -> Released:
+    async def release(self, backend: str, lease: str, job_id: str, client: str = "",
+                      correction: float = 0.0) -> Released:
         now = self.clock()
         removed = self._leases.setdefault(backend, {}).pop(lease, None) is not None
         self._granted.pop(job_id, None)
+        self._charge(client, correction)
         n = self._used(backend, now)
         if removed and self._waiting:
             self._bus.publish(LEADER, f"rel {backend}")
@@ -183,7 +206,25 @@ class MemorySlotStore:
     async def granted(self, job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
         return {j: self._granted[j] for j in job_ids if j in self._granted}
 
+    async def lead(self, replica: str, ttl_ms: int) -> tuple[bool, str]:
+        now = self.clock()
+        if self._leader is None or self._leader[1] <= now or self._leader[0] == replica:
+            self._leader = (replica, now + ttl_ms)
+            return True, replica
+        return False, self._leader[0]
+
+    async def resign(self, replica: str) -> bool:
+        if self._leader is not None and self._leader[0] == replica:
+            self._leader = None
+            return True
+        return False
+
+    async def charges(self) -> dict[str, float]:
+        taken, self._charges = self._charges, {}
+        return taken
+
     async def listen(self, channels: Sequence[str]) -> AsyncIterator[tuple[str, str]]:
+        yield "", "resync"     # as the Redis store does once subscribed
         queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         entry = (frozenset(channels), queue)
         self._bus.subscribers.append(entry)
