@@ -10,7 +10,9 @@ import pytest
 
 from corral.scheduler.shared.redis import RedisSlotStore
 from corral.scheduler.shared.store import (
+    FLEET,
     LEADER,
+    Grant,
     MemorySlotStore,
     SlotStore,
     Taken,
@@ -131,10 +133,10 @@ async def test_grant_gives_a_waiting_job_its_slot_and_tells_its_replica(
     await slots.release("a", "busy", "j0")
     assert await slots.grant("j1", "a", 1, "l1", TTL, "r1") == (1, 1)
     assert await slots.grant("j1", "a", 1, "l1", TTL, "r1") == (0, -1)     # not waiting
-    assert await replica.wait_for(1) == ["grant j1 a l1"]
+    assert await replica.wait_for(1) == ["grant j1 a l1 resident"]
     assert await slots.waiting() == {}
     # The grant is kept until the replica takes the slot (a lost message is recovered).
-    assert await slots.granted(["j1", "jx"]) == {"j1": ("a", "l1")}
+    assert await slots.granted(["j1", "jx"]) == {"j1": Grant("a", "l1", "resident")}
     await slots.release("a", "l1", "j1")
     assert await slots.granted(["j1"]) == {}
     await replica.stop()
@@ -150,7 +152,7 @@ async def test_cancel_leaves_the_queue_or_returns_the_slot_granted_meanwhile(
     await slots.release("a", "busy", "j0")
     assert (await slots.grant("j2", "a", 1, "l2", TTL, "r1"))[0] == 1
     granted = await slots.cancel("j2")
-    assert (granted.state, granted.backend, granted.lease) == ("granted", "a", "l2")
+    assert (granted.state, granted.grant) == ("granted", Grant("a", "l2", "resident"))
     assert (await slots.cancel("j2")).state == "unknown"
     assert (await slots.release("a", "l2", "j2")).released
 
@@ -186,3 +188,13 @@ async def test_charges_made_without_the_leader_are_taken_in_once(slots: SlotStor
     await slots.release("a", "l1", "j1", client="alice", correction=-12.5)
     assert await slots.charges() == {"alice": 17.5, "bob": 5.0}
     assert await slots.charges() == {}
+
+
+async def test_a_load_granted_is_announced_to_every_replica(slots: SlotStore) -> None:
+    fleet = await listen(slots, FLEET)
+    await slots.acquire([], "l1", TTL, "j1", b'{"m": 1}')
+    assert await slots.job("j1") == b'{"m": 1}'
+    assert await slots.grant("j1", "a", 2, "l1", TTL, "r1", "load", "m:latest", 8192) == (1, 1)
+    assert await slots.job("j1") is None
+    assert await fleet.wait_for(1) == ["load a m:latest 8192"]
+    await fleet.stop()

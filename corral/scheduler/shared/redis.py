@@ -28,8 +28,10 @@ from redis.asyncio import from_url as redis_from_url
 from redis.exceptions import RedisError
 
 from corral.scheduler.shared.store import (
+    FLEET,
     LEADER,
     Cancelled,
+    Grant,
     Released,
     SlotStoreError,
     Taken,
@@ -110,11 +112,17 @@ class RedisSlotStore:
         return Released(bool(int(out[0])), int(out[1]), int(out[2]))
 
     async def grant(self, job_id: str, backend: str, cap: int, lease: str, ttl_ms: int,
-                    replica: str) -> tuple[int, int]:
+                    replica: str, placement: str = "resident", model: str = "",
+                    ctx: int | None = None) -> tuple[int, int]:
         out = await self._run("grant", [backend],
                               [job_id, lease, ttl_ms, cap,
-                               self.channel(replica_channel(replica)), backend])
+                               self.channel(replica_channel(replica)), backend, placement,
+                               self.channel(FLEET), model, "" if ctx is None else ctx])
         return int(out[0]), int(out[1])
+
+    async def job(self, job_id: str) -> bytes | None:
+        out = await self._run("job", [], [job_id])
+        return out if isinstance(out, bytes) else None
 
     async def cancel(self, job_id: str) -> Cancelled:
         out = await self._run("cancel", [], [job_id, self.channel(LEADER)])
@@ -122,8 +130,7 @@ class RedisSlotStore:
         if state == 1:
             return Cancelled("left")
         if state == 2:
-            backend, lease = _text(out[1]).split(" ", 1)
-            return Cancelled("granted", backend, lease)
+            return Cancelled("granted", Grant.parse(_text(out[1])))
         return Cancelled("unknown")
 
     async def renew(self, leases: Sequence[tuple[str, str]], ttl_ms: int) -> list[int]:
@@ -145,7 +152,7 @@ class RedisSlotStore:
         return {_text(k): v if isinstance(v, bytes) else str(v).encode()
                 for k, v in raw.items()}
 
-    async def granted(self, job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+    async def granted(self, job_ids: Sequence[str]) -> dict[str, Grant]:
         if not job_ids:
             return {}
         try:
@@ -155,8 +162,7 @@ class RedisSlotStore:
         out = {}
         for job, value in zip(job_ids, values, strict=True):
             if value is not None:
-                backend, lease = _text(value).split(" ", 1)
-                out[job] = (backend, lease)
+                out[job] = Grant.parse(_text(value))
         return out
 
     async def lead(self, replica: str, ttl_ms: int) -> tuple[bool, str]:

@@ -89,7 +89,10 @@ if op == 'release' then
 end
 
 -- grant (the leader): KEYS[FIRST] the backend's leases; ARGV[3] job id, ARGV[4] lease,
--- ARGV[5] ttl, ARGV[6] cap, ARGV[7] the job's replica's channel, ARGV[8] backend.
+-- ARGV[5] ttl, ARGV[6] cap, ARGV[7] the job's replica's channel, ARGV[8] backend,
+-- ARGV[9] placement ("resident" or "load"), ARGV[10] fleet channel, ARGV[11] model,
+-- ARGV[12] num_ctx or "". A load is announced on the fleet channel, so that every
+-- replica stops sending requests to the model it evicts.
 -- {1 granted | 0 the job is no longer waiting | -1 no free slot, use}.
 if op == 'grant' then
   local job, lease, ttl, cap = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -98,14 +101,18 @@ if op == 'grant' then
   if n >= cap then return {-1, n} end
   take(KEYS[FIRST], lease, ttl)
   redis.call('HDEL', WAITING, job)
-  redis.call('HSET', GRANTED, job, ARGV[8] .. ' ' .. lease)
-  redis.call('PUBLISH', ARGV[7], 'grant ' .. job .. ' ' .. ARGV[8] .. ' ' .. lease)
+  local grant = ARGV[8] .. ' ' .. lease .. ' ' .. ARGV[9]
+  redis.call('HSET', GRANTED, job, grant)
+  redis.call('PUBLISH', ARGV[7], 'grant ' .. job .. ' ' .. grant)
+  if ARGV[9] == 'load' then
+    redis.call('PUBLISH', ARGV[10], 'load ' .. ARGV[8] .. ' ' .. ARGV[11] .. ' ' .. ARGV[12])
+  end
   return {1, n + 1}
 end
 
 -- cancel: ARGV[3] job id, ARGV[4] leader channel. The job leaves the queue -> {1, ''};
--- or it had been granted a slot in the meantime -> {2, "<backend> <lease>"} (the
--- caller releases it, or uses it); or it is unknown -> {0, ''}.
+-- or it had been granted a slot in the meantime -> {2, "<backend> <lease> <placement>"}
+-- (the caller releases it, or uses it); or it is unknown -> {0, ''}.
 if op == 'cancel' then
   if redis.call('HDEL', WAITING, ARGV[3]) == 1 then
     redis.call('PUBLISH', ARGV[4], 'cancel ' .. ARGV[3])
@@ -162,6 +169,11 @@ if op == 'resign' then
     return {1}
   end
   return {0}
+end
+
+-- job: ARGV[3] job id -> its descriptor, or false when it no longer waits.
+if op == 'job' then
+  return redis.call('HGET', WAITING, ARGV[3])
 end
 
 -- charges: take in the charges made since the last call -> {client, amount, ...}.

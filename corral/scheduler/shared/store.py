@@ -19,8 +19,8 @@ One atomic operation per step of a slot's life, the same on every store:
   taken in by the leader; ``acquire`` and ``release`` record them at no extra cost.
 
 Notifications go to channels: ``leader`` (``enq <job>``, ``rel <backend>``,
-``cancel <job>``) and ``replica:<id>`` (``grant <job> <backend> <lease>``); ``listen``
-yields them. ``MemorySlotStore`` keeps all of it in the process (the contract tests'
+``cancel <job>``), ``replica:<id>`` (``grant <job> <backend> <lease> <placement>``) and
+``fleet``; ``listen`` yields them. ``MemorySlotStore`` keeps all of it in the process (the contract tests'
 reference, and what a replica uses on its own while the shared store is away);
 ``RedisSlotStore`` keeps it in Redis for every replica.
 """
@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 LEADER = "leader"
+FLEET = "fleet"      # loads the leader decided (``load <backend> <model> <num_ctx>``) and
+                     # loads that finished (``ready …``): every replica's residency view
 
 
 def replica_channel(replica: str) -> str:
@@ -58,10 +60,24 @@ class Released:
 
 
 @dataclass(frozen=True, slots=True)
+class Grant:
+    backend: str
+    lease: str
+    placement: str        # "resident" or "load"
+
+    def text(self) -> str:
+        return f"{self.backend} {self.lease} {self.placement}"
+
+    @classmethod
+    def parse(cls, text: str) -> Grant:
+        backend, lease, placement = text.split(" ", 2)
+        return cls(backend, lease, placement)
+
+
+@dataclass(frozen=True, slots=True)
 class Cancelled:
     state: Literal["left", "granted", "unknown"]
-    backend: str | None = None    # granted: the slot it had been given meanwhile
-    lease: str | None = None
+    grant: Grant | None = None    # granted: the slot it had been given meanwhile
 
 
 class SlotStore(Protocol):
@@ -73,7 +89,10 @@ class SlotStore(Protocol):
                       correction: float = 0.0) -> Released: ...
 
     async def grant(self, job_id: str, backend: str, cap: int, lease: str, ttl_ms: int,
-                    replica: str) -> tuple[int, int]: ...
+                    replica: str, placement: str = "resident", model: str = "",
+                    ctx: int | None = None) -> tuple[int, int]: ...
+
+    async def job(self, job_id: str) -> bytes | None: ...
 
     async def cancel(self, job_id: str) -> Cancelled: ...
 
@@ -83,7 +102,7 @@ class SlotStore(Protocol):
 
     async def waiting(self) -> dict[str, bytes]: ...
 
-    async def granted(self, job_ids: Sequence[str]) -> dict[str, tuple[str, str]]: ...
+    async def granted(self, job_ids: Sequence[str]) -> dict[str, Grant]: ...
 
     async def lead(self, replica: str, ttl_ms: int) -> tuple[bool, str]: ...
 
@@ -118,7 +137,7 @@ class MemorySlotStore:
         self.clock = clock
         self._leases: dict[str, dict[str, int]] = {}     # backend -> lease -> expiry
         self._waiting: dict[str, bytes] = {}
-        self._granted: dict[str, tuple[str, str]] = {}
+        self._granted: dict[str, Grant] = {}
         self._charges: dict[str, float] = {}
         self._leader: tuple[str, int] | None = None     # (replica, expiry)
         self._bus = _Bus()
@@ -163,7 +182,8 @@ class MemorySlotStore:
         return Released(removed, n, len(self._waiting))
 
     async def grant(self, job_id: str, backend: str, cap: int, lease: str, ttl_ms: int,
-                    replica: str) -> tuple[int, int]:
+                    replica: str, placement: str = "resident", model: str = "",
+                    ctx: int | None = None) -> tuple[int, int]:
         now = self.clock()
         if job_id not in self._waiting:
             return 0, -1
@@ -172,9 +192,15 @@ class MemorySlotStore:
             return -1, n
         self._leases[backend][lease] = now + ttl_ms
         del self._waiting[job_id]
-        self._granted[job_id] = (backend, lease)
-        self._bus.publish(replica_channel(replica), f"grant {job_id} {backend} {lease}")
+        grant = Grant(backend, lease, placement)
+        self._granted[job_id] = grant
+        self._bus.publish(replica_channel(replica), f"grant {job_id} {grant.text()}")
+        if placement == "load":
+            self._bus.publish(FLEET, f"load {backend} {model} {'' if ctx is None else ctx}")
         return 1, n + 1
+
+    async def job(self, job_id: str) -> bytes | None:
+        return self._waiting.get(job_id)
 
     async def cancel(self, job_id: str) -> Cancelled:
         if self._waiting.pop(job_id, None) is not None:
@@ -182,7 +208,7 @@ class MemorySlotStore:
             return Cancelled("left")
         grant = self._granted.pop(job_id, None)
         if grant is not None:
-            return Cancelled("granted", grant[0], grant[1])
+            return Cancelled("granted", grant)
         return Cancelled("unknown")
 
     async def renew(self, leases: Sequence[tuple[str, str]], ttl_ms: int) -> list[int]:
@@ -203,7 +229,7 @@ class MemorySlotStore:
     async def waiting(self) -> dict[str, bytes]:
         return dict(self._waiting)
 
-    async def granted(self, job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+    async def granted(self, job_ids: Sequence[str]) -> dict[str, Grant]:
         return {j: self._granted[j] for j in job_ids if j in self._granted}
 
     async def lead(self, replica: str, ttl_ms: int) -> tuple[bool, str]:
