@@ -171,6 +171,43 @@ class Fleet:
                     soonest = ends
         return soonest
 
+    def ready_backends(self, model: str, ctx: int | None, now: float,
+                       exclude: frozenset[str] = frozenset()) -> list[Backend]:
+        """Routable backends where ``model`` is resident, ready and fits ``ctx``,
+        whether or not they have a free slot (with several replicas the shared store
+        knows that; this replica's count is only an estimate)."""
+        out = []
+        for b in self.backends:
+            if exclude and b.name in exclude:
+                continue
+            r = self._held[id(b)].runners.get(model)
+            if (r is not None and not r.loading and r.ready_at <= now
+                    and (ctx is None or r.ctx is None or r.ctx == ctx) and b.routable(now)):
+                out.append(b)
+        return out
+
+    def loading(self, b: Backend, model: str, ctx: int | None, now: float) -> None:
+        """Another replica sent ``model`` to ``b`` as a load: the same view as after a
+        load of one's own (what Ollama evicts for it is gone, the model is loading),
+        without a request of this replica running on it."""
+        h = self._held.get(id(b))
+        if h is None:
+            return
+        r = h.runners.get(model)
+        if r is not None and r.fits(ctx):
+            return
+        for victim in self.victims(b, model):
+            h.runners.pop(victim.model, None)
+        h.runners[model] = Runner(model, ctx, now + self.load_time(b, model), now,
+                                  loading=True)
+        self._mirror(b, h)
+
+    def backend(self, name: str) -> Backend | None:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        return None
+
     def victims(self, b: Backend, model: str) -> list[Runner]:
         """What Ollama evicts on ``b`` to load ``model``: nothing while it has room; a
         runner of the same model with another context length (a reload); else one

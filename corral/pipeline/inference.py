@@ -323,6 +323,13 @@ async def _stream(gw: Gateway, request: web.BaseRequest, job: Job, backend: Back
             upstream.close()      # stops the generation on the backend
         held = time.monotonic() - job.dispatched_at if job.dispatched_at else 0.0
         loaded = job.placement == "load"
+        usage = (usage_from_tail(result.tail, openai, result.chunks)
+                 if upstream.status < 300 else None)
+        if usage is not None:
+            rec["tokens_in"], rec["tokens_out"] = usage.tokens_in, usage.tokens_out
+            if gw.queue.fairness == "tokens":
+                # Fair share charged the estimate at dispatch: now the real figure.
+                gw.scheduler.settle(job, usage.service - job.cost)
         gw.scheduler.release(job)
         rec["bytes"] = result.nbytes
         if result.ttfb is not None:
@@ -330,15 +337,9 @@ async def _stream(gw: Gateway, request: web.BaseRequest, job: Job, backend: Back
         if result.error:
             rec["error"] = result.error
             gw.scheduler.failed(backend, "mid-stream")
-        if upstream.status < 300:
-            usage = usage_from_tail(result.tail, openai, result.chunks)
-            if usage is not None:
-                rec["tokens_in"], rec["tokens_out"] = usage.tokens_in, usage.tokens_out
-                if gw.queue.fairness == "tokens":
-                    gw.queue.charge(job, usage.service - job.cost)
-            if result.completed:
-                timing = timings_from_tail(result.tail)
-                gw.fleet.on_complete(backend, job.model, held_s=held, load_s=timing.load_s,
-                                     loaded=loaded, tokens_out=usage.tokens_out if usage else 0,
-                                     eval_s=timing.eval_s)
+        if upstream.status < 300 and result.completed:
+            timing = timings_from_tail(result.tail)
+            gw.fleet.on_complete(backend, job.model, held_s=held, load_s=timing.load_s,
+                                 loaded=loaded, tokens_out=usage.tokens_out if usage else 0,
+                                 eval_s=timing.eval_s)
     return resp

@@ -178,6 +178,11 @@ class Scheduler:
         if self._waiters:
             self.dispatch()
 
+    def settle(self, job: Job, correction: float) -> None:
+        """The request's real service is known: correct its fair-share charge (the
+        estimate was charged at dispatch), before ``release``."""
+        self.queue.charge(job, correction)
+
     def answered(self, job: Job) -> None:
         """The backend answered ``job`` (its header is in): the model is resident there
         now. After a load, ask the backend what the load evicted."""

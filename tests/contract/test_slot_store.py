@@ -198,3 +198,14 @@ async def test_a_load_granted_is_announced_to_every_replica(slots: SlotStore) ->
     assert await slots.job("j1") is None
     assert await fleet.wait_for(1) == ["load a m:latest 8192"]
     await fleet.stop()
+
+
+async def test_replicas_are_known_while_their_heartbeat_lasts(
+        slots: SlotStore, clock: FakeClock) -> None:
+    await slots.heartbeat("r1", b'{"address": "a"}', 60_000)
+    await slots.heartbeat("r2", b'{"address": "b"}', 150)
+    assert await slots.replicas() == {"r1": b'{"address": "a"}', "r2": b'{"address": "b"}'}
+    # r2 stops: gone once its heartbeat lapses (Redis expires keys on its own clock).
+    clock.advance(200)
+    await asyncio.sleep(0.25)
+    assert await slots.replicas() == {"r1": b'{"address": "a"}'}

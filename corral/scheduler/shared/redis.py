@@ -177,6 +177,38 @@ class RedisSlotStore:
         out = await self._run("charges", [], [])
         return {_text(out[i]): float(out[i + 1]) for i in range(0, len(out), 2)}
 
+    async def announce(self, message: str) -> None:
+        try:
+            await self._client.publish(self.channel(FLEET), message)
+        except (RedisError, OSError) as exc:
+            raise SlotStoreError(f"slot store (announce): {exc}") from exc
+
+    async def heartbeat(self, replica: str, info: bytes, ttl_ms: int) -> None:
+        key = f"{self._prefix}replica:{replica}"
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.set(key, info, px=ttl_ms)
+                pipe.sadd(self._prefix + "replicas", replica)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise SlotStoreError(f"slot store (heartbeat): {exc}") from exc
+
+    async def replicas(self) -> dict[str, bytes]:
+        """Replicas alive now (their heartbeat has not lapsed); the set of names
+        forgets the others as it goes."""
+        try:
+            names = [_text(n) for n in await self._client.smembers(self._prefix + "replicas")]
+            if not names:
+                return {}
+            values = await self._client.mget([f"{self._prefix}replica:{n}" for n in names])
+            gone = [n for n, v in zip(names, values, strict=True) if v is None]
+            if gone:
+                await self._client.srem(self._prefix + "replicas", *gone)
+        except (RedisError, OSError) as exc:
+            raise SlotStoreError(f"slot store (replicas): {exc}") from exc
+        return {n: v if isinstance(v, bytes) else str(v).encode()
+                for n, v in zip(names, values, strict=True) if v is not None}
+
     async def listen(self, channels: Sequence[str]) -> AsyncIterator[tuple[str, str]]:
         """Messages of ``channels`` as (channel, text); after a lost connection it
         reconnects and yields ``("", "resync")`` first: messages sent meanwhile are

@@ -14,6 +14,8 @@ One atomic operation per step of a slot's life, the same on every store:
 - ``counts`` — each backend's use and the number of jobs waiting.
 - ``lead`` / ``resign`` — one replica at a time orders the queue (a lease on
   leadership, kept by calling ``lead`` again before it lapses).
+- ``heartbeat`` / ``replicas`` — each replica says it is alive (with what it is) and
+  is forgotten once it stops; the leader drops the waiting jobs of replicas gone.
 - ``charges`` — fair-share service charged by replicas on their own (a slot taken
   without the leader; the correction once a request's real token counts are known),
   taken in by the leader; ``acquire`` and ``release`` record them at no extra cost.
@@ -110,6 +112,12 @@ class SlotStore(Protocol):
 
     async def charges(self) -> dict[str, float]: ...
 
+    async def announce(self, message: str) -> None: ...
+
+    async def heartbeat(self, replica: str, info: bytes, ttl_ms: int) -> None: ...
+
+    async def replicas(self) -> dict[str, bytes]: ...
+
     def listen(self, channels: Sequence[str]) -> AsyncIterator[tuple[str, str]]: ...
 
     async def close(self) -> None: ...
@@ -140,6 +148,7 @@ class MemorySlotStore:
         self._granted: dict[str, Grant] = {}
         self._charges: dict[str, float] = {}
         self._leader: tuple[str, int] | None = None     # (replica, expiry)
+        self._replicas: dict[str, tuple[bytes, int]] = {}  # replica -> (info, alive until)
         self._bus = _Bus()
 
     def _charge(self, client: str, amount: float) -> None:
@@ -248,6 +257,16 @@ class MemorySlotStore:
     async def charges(self) -> dict[str, float]:
         taken, self._charges = self._charges, {}
         return taken
+
+    async def announce(self, message: str) -> None:
+        self._bus.publish(FLEET, message)
+
+    async def heartbeat(self, replica: str, info: bytes, ttl_ms: int) -> None:
+        self._replicas[replica] = (info, self.clock() + ttl_ms)
+
+    async def replicas(self) -> dict[str, bytes]:
+        now = self.clock()
+        return {r: info for r, (info, until) in self._replicas.items() if until > now}
 
     async def listen(self, channels: Sequence[str]) -> AsyncIterator[tuple[str, str]]:
         yield "", "resync"     # as the Redis store does once subscribed
