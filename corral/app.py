@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,6 +21,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from corral import __version__
 from corral.backends.backend import Backend
 from corral.backends.breaker import Breaker
 from corral.backends.health import HealthMonitor
@@ -44,6 +47,8 @@ from corral.pipeline.route import Router
 from corral.pipeline.upstream import Pools
 from corral.reload import reload_from_file, reload_handler
 from corral.scheduler.queues import JobQueue, Priority
+from corral.scheduler.shared.redis import RedisSlotStore
+from corral.scheduler.shared.replica import SharedScheduler
 from corral.scheduler.slots import Scheduler
 from corral.web.routes import observe_routes
 from corral.web.server import Server
@@ -64,9 +69,8 @@ class Gateway:
         self.router = Router(settings.routing.strategy, settings.routing.prefer_loaded)
         self.queue = JobQueue(settings.queue.fairness)
         self.affinity = Affinity()
-        self.scheduler = Scheduler(self.fleet, self.router, self.queue,
-                                   settings.queue.max_depth, settings.queue.max_wait,
-                                   max_preemptions=settings.queue.max_preemptions)
+        self.started = time.time()
+        self.scheduler = self._new_scheduler(settings)
         self.configure(settings)
         self.access_log = AccessLog(settings.access_log)
         self.activity = Activity()
@@ -77,12 +81,26 @@ class Gateway:
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in start
         self.health: HealthMonitor = None  # type: ignore[assignment]
         self.pools: Pools = None  # type: ignore[assignment]
-        self.started = time.time()
         self._rr = 0
         self._routes: dict[tuple[str, str], Handler] = {}
         self._install_routes()
         self._own_routes: dict[tuple[str, str], Handler] = {}
         self.install_own_routes()
+
+    def _new_scheduler(self, settings: Settings) -> Scheduler:
+        """In the process (``state: memory``), or shared by every replica on the
+        state store: one set of slots, one queue order, one fair share."""
+        q = settings.queue
+        if settings.state == "memory":
+            return Scheduler(self.fleet, self.router, self.queue, q.max_depth, q.max_wait,
+                             max_preemptions=q.max_preemptions)
+        host, port = settings.listen_host_port
+        replica = f"{socket.gethostname()}:{port}:{os.getpid()}"
+        info = orjson.dumps({"address": f"{host}:{port}", "version": __version__,
+                             "started": self.started, "pid": os.getpid()})
+        return SharedScheduler(self.fleet, self.router, self.queue, q.max_depth, q.max_wait,
+                               RedisSlotStore.from_url(settings.state), replica,
+                               max_preemptions=q.max_preemptions, info=lambda: info)
 
     def install_own_routes(self) -> None:
         # Per instance: the metrics path comes from the settings.
@@ -139,9 +157,14 @@ class Gateway:
         self.admission.start()
         self.activity.start(self)
         await self.jobs.start()
+        if isinstance(self.scheduler, SharedScheduler):
+            self.scheduler.start()
 
     async def stop(self) -> None:
         await self.jobs.stop()     # first: running jobs are handed back to the queue
+        if isinstance(self.scheduler, SharedScheduler):
+            await self.scheduler.stop()
+            await self.scheduler.store.close()
         await self.activity.stop()
         await self.health.stop()
         await self.session.close()

@@ -22,9 +22,9 @@ One atomic operation per step of a slot's life, the same on every store:
 
 Notifications go to channels: ``leader`` (``enq <job>``, ``rel <backend>``,
 ``cancel <job>``), ``replica:<id>`` (``grant <job> <backend> <lease> <placement>``) and
-``fleet``; ``listen`` yields them. ``MemorySlotStore`` keeps all of it in the process (the contract tests'
-reference, and what a replica uses on its own while the shared store is away);
-``RedisSlotStore`` keeps it in Redis for every replica.
+``fleet``; ``listen`` yields them. ``MemorySlotStore`` keeps all of it in the process
+(the contract tests' reference); ``RedisSlotStore`` keeps it in Redis for every
+replica.
 """
 
 from __future__ import annotations

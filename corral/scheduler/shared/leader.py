@@ -1,0 +1,262 @@
+"""The leader: the one replica that orders the queue shared by all replicas.
+
+Only jobs that wait reach the leader — a slot free where the model is resident is
+taken without it (``acquire`` in the shared store). Every job that waits, whichever
+replica it came through, is in the shared store's ``waiting`` set; the leader keeps
+them in a ``JobQueue`` and places them with the very code one process uses
+(``Scheduler.dispatch``: priority class, fair share, arrival; wait or load; rent), on
+the whole fleet's slot counts. A placement becomes a *grant*: one atomic call that
+takes the slot for the job and tells its replica.
+
+Leadership is a lease in the store that the leader keeps renewing; when it lapses
+(the leader died or lost the store) another replica takes over and rebuilds the
+queue from the shared ``waiting`` set. Fair-share counters start over at that moment
+(returning clients are lifted to the least-served waiting one, as always).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import orjson
+
+from corral.backends.backend import Backend
+from corral.scheduler.placement import Action, Placement
+from corral.scheduler.queues import Job, JobQueue, Priority
+from corral.scheduler.shared.store import SlotStore, SlotStoreError
+from corral.scheduler.slots import Scheduler, _Waiter
+
+if TYPE_CHECKING:
+    from corral.scheduler.shared.replica import SharedScheduler
+
+log = logging.getLogger("corral.leader")
+
+
+def describe(job: Job, replica: str, front: bool, at_ms: int) -> bytes:
+    """What the leader needs to order and place a job, as the store keeps it."""
+    return orjson.dumps({
+        "replica": replica, "model": job.model, "ctx": job.ctx,
+        "priority": int(job.priority), "client": job.client, "weight": job.weight,
+        "cost": job.cost, "exclude": sorted(job.exclude), "affinity": job.affinity,
+        "front": front, "preemptible": job.preemptible, "tier": job.tier, "at": at_ms,
+    })
+
+
+def rebuild(descriptor: bytes) -> tuple[Job, str, bool]:
+    """(the job, its replica, whether it goes to the front of its class)."""
+    d = orjson.loads(descriptor)
+    job = Job(model=d["model"], client=d["client"], priority=Priority(d["priority"]),
+              weight=d["weight"], cost=d["cost"], exclude=frozenset(d["exclude"]),
+              affinity=d["affinity"], ctx=d["ctx"], preemptible=d["preemptible"],
+              tier=d["tier"])
+    return job, d["replica"], bool(d["front"])
+
+
+class RemoteDispatcher(Scheduler):
+    """``Scheduler.dispatch`` over jobs that wait on other replicas: a placement is
+    handed to the leader as a grant to make, instead of waking a local waiter."""
+
+    def __init__(self, owner: SharedScheduler, queue: JobQueue,
+                 on_grant: Callable[[Job, Backend, str], None], kick: Callable[[], None]) -> None:
+        super().__init__(owner.fleet, owner.router, queue, 10**9, math.inf, owner.clock,
+                         owner.max_preemptions)
+        self._on_grant = on_grant
+        self._kick = kick
+
+    def enqueue(self, job: Job, front: bool) -> None:
+        loop = asyncio.get_running_loop()
+        # The waiter's future is never awaited: the grant goes to another replica.
+        self._waiters[job.seq] = _Waiter(job, loop.create_future())
+        self.queue.push(job, front=front)
+        self.fleet.on_queue(job.model, 1)
+
+    def withdraw(self, job: Job) -> None:
+        if self.queue.remove(job):
+            self.fleet.on_queue(job.model, -1)
+        self._waiters.pop(job.seq, None)
+
+    def _hand(self, job: Job, placement: Placement, now: float,
+              transfer: bool = False) -> None:
+        backend = placement.backend
+        assert backend is not None
+        self._waiters.pop(job.seq, None)
+        if self.queue.remove(job):
+            self.fleet.on_queue(job.model, -1)
+        backend.in_flight += 1                 # until the grant's answer says otherwise
+        self.queue.charge(job, job.cost)
+        load = (placement.action is Action.LOAD
+                or self.fleet.resident(backend, job.model, job.ctx) is None)
+        if load:
+            # What Ollama evicts for it is gone from every view at once: the grant
+            # announces the load to the other replicas.
+            self.fleet.loading(backend, job.model, job.ctx, now)
+            self.loads += 1
+            self.rent.reset(backend, now)
+        self.dispatched += 1
+        self._on_grant(job, backend, "load" if load else "resident")
+
+    def _on_timer(self) -> None:
+        # Rent and guards are looked at again in a leader's pass (fresh counts).
+        self._timer, self._timer_at = None, math.inf
+        self._kick()
+
+
+class Leader:
+    def __init__(self, owner: SharedScheduler) -> None:
+        self.owner = owner
+        self.store: SlotStore = owner.store
+        self.queue = JobQueue(owner.queue.fairness)
+        self.dispatcher = RemoteDispatcher(owner, self.queue, self._grant_later, self.kick)
+        self.jobs: dict[str, Job] = {}           # job id -> job
+        self._ids: dict[int, str] = {}           # job seq -> job id
+        self._replica: dict[str, str] = {}       # job id -> replica
+        self._grants: list[tuple[Job, Backend, str]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._fetching: set[asyncio.Task[None]] = set()
+        self.grants_made = 0
+
+    # -- lifespan -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.resync()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        for task in [self._task, *self._fetching]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        for job in list(self.jobs.values()):
+            self.dispatcher.withdraw(job)
+        self.jobs.clear()
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    # -- the waiting jobs -------------------------------------------------------------
+
+    async def resync(self) -> None:
+        """Make the queue what the store says waits (after taking over, or after a
+        lost connection: notifications sent meanwhile are lost)."""
+        waiting = await self.store.waiting()
+        alive = await self.store.replicas()
+        for job_id in [j for j in self.jobs if j not in waiting]:
+            self._forget(job_id)
+        for job_id, descriptor in waiting.items():
+            if job_id in self.jobs:
+                continue
+            job, replica, front = rebuild(descriptor)
+            if alive and replica not in alive:
+                # Its replica is gone: nobody would take the slot.
+                await self.store.cancel(job_id)
+                continue
+            self._add(job_id, job, replica, front)
+        self.kick()
+
+    def _add(self, job_id: str, job: Job, replica: str, front: bool) -> None:
+        self.jobs[job_id] = job
+        self._ids[job.seq] = job_id
+        self._replica[job_id] = replica
+        self.dispatcher.enqueue(job, front)
+
+    def _forget(self, job_id: str) -> None:
+        job = self.jobs.pop(job_id, None)
+        if job is not None:
+            self.dispatcher.withdraw(job)
+            self._ids.pop(job.seq, None)
+            self._replica.pop(job_id, None)
+
+    def on_message(self, message: str) -> None:
+        kind, _, arg = message.partition(" ")
+        if kind == "enq":
+            task = asyncio.get_running_loop().create_task(self._fetch(arg))
+            self._fetching.add(task)
+            task.add_done_callback(self._fetching.discard)
+        elif kind == "cancel":
+            self._forget(arg)
+            self.kick()
+        elif kind == "rel":
+            self.kick()
+
+    async def _fetch(self, job_id: str) -> None:
+        if job_id in self.jobs:
+            return
+        try:
+            descriptor = await self.store.job(job_id)
+        except SlotStoreError:
+            return          # the next resync finds it
+        if descriptor is not None and job_id not in self.jobs:
+            job, replica, front = rebuild(descriptor)
+            self._add(job_id, job, replica, front)
+            self.kick()
+
+    # -- passes -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._pass()
+            except SlotStoreError as exc:
+                log.debug("leader pass failed: %s", exc)
+                await asyncio.sleep(0.2)
+                self.kick()
+
+    async def _pass(self) -> None:
+        """Fresh counts, then the one-process dispatch, then its grants."""
+        backends = list(self.owner.fleet.backends)
+        counts, _ = await self.store.counts([b.name for b in backends])
+        for b, n in zip(backends, counts, strict=True):
+            b.in_flight = n
+        charges = await self.store.charges()
+        for client, amount in charges.items():
+            counters = self.queue.counters
+            counters[client] = counters.get(client, 0.0) + amount
+        if not self.jobs:
+            return
+        self._grants = []
+        self.dispatcher.dispatch()
+        retry = False
+        for job, backend, placement in self._grants:
+            retry |= await self._make_grant(job, backend, placement)
+        if retry:
+            self.kick()
+
+    def _grant_later(self, job: Job, backend: Backend, placement: str) -> None:
+        self._grants.append((job, backend, placement))
+
+    async def _make_grant(self, job: Job, backend: Backend, placement: str) -> bool:
+        """True when the job must be placed again (its slot was taken meanwhile)."""
+        job_id = self._ids.get(job.seq)
+        if job_id is None:
+            return False
+        replica = self._replica[job_id]
+        self.grants_made += 1
+        lease = f"{job_id}.g{self.grants_made}"
+        outcome, used = await self.store.grant(job_id, backend.name, backend.max_concurrency,
+                                               lease, self.owner.lease_ms, replica,
+                                               placement, job.model, job.ctx)
+        if outcome == 1:
+            backend.in_flight = used
+            self._forget_granted(job_id, job)
+            return False
+        if outcome == 0:                # it left the queue meanwhile
+            backend.in_flight = max(0, backend.in_flight - 1)
+            self._forget_granted(job_id, job)
+            return False
+        backend.in_flight = used        # full after all: back to the front of its class
+        self.dispatcher.enqueue(job, front=True)
+        return True
+
+    def _forget_granted(self, job_id: str, job: Job) -> None:
+        self.jobs.pop(job_id, None)
+        self._ids.pop(job.seq, None)
+        self._replica.pop(job_id, None)

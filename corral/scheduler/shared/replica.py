@@ -1,0 +1,390 @@
+"""Scheduling with several replicas (``state: redis://…``): one set of slots, one queue.
+
+Each request costs the shared store two calls, both atomic and both one round trip:
+
+- ``acquire`` when it needs a slot: when nobody waits anywhere, a slot free on a
+  backend where its model is resident is taken at once — the uncontended path; else
+  the job joins the one shared queue and this replica waits for its grant (a pub/sub
+  message, not polling) from the leader, the replica that orders the queue;
+- ``release`` when its answer is over — sent once the client has it, off its path.
+
+Slots are leases that this replica renews while its requests run, so the slots of a
+replica that dies come back by themselves. Fair-share charges ride on those two
+calls. Loads the leader decides are announced to every replica, so no replica sends
+a request to a model that a load on another replica has just evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from corral.backends.backend import Backend
+from corral.fleet.state import Fleet
+from corral.pipeline.route import Router
+from corral.scheduler.queues import Job, JobQueue
+from corral.scheduler.shared.leader import Leader, describe
+from corral.scheduler.shared.store import (
+    FLEET,
+    LEADER,
+    Grant,
+    SlotStore,
+    SlotStoreError,
+    replica_channel,
+)
+from corral.scheduler.slots import (
+    NoBackend,
+    QueueFull,
+    QueueTimeout,
+    Scheduler,
+    SchedulingError,
+    _retry_after,
+)
+
+log = logging.getLogger("corral.shared")
+
+
+class StoreUnavailable(SchedulingError):
+    pass
+
+
+@dataclass(slots=True)
+class _Pending:
+    job: Job
+    future: asyncio.Future[Grant]
+    since: float
+
+
+class SharedScheduler(Scheduler):
+    def __init__(self, fleet: Fleet, router: Router, queue: JobQueue, max_depth: int,
+                 max_wait: float, store: SlotStore, replica: str, *,
+                 clock: Callable[[], float] = time.monotonic, max_preemptions: int = 2,
+                 lease_ms: int = 15_000, leader_ms: int = 3_000,
+                 info: Callable[[], bytes] = lambda: b"{}") -> None:
+        super().__init__(fleet, router, queue, max_depth, max_wait, clock, max_preemptions)
+        self.store = store
+        self.replica = replica
+        self.lease_ms = lease_ms
+        self.leader_ms = leader_ms
+        self.info = info
+        self.leader: Leader | None = None
+        self.leader_id: str | None = None
+        self.waiting_total = 0                 # jobs waiting on all replicas, last seen
+        self.late_releases = 0
+        self.leases_lost = 0
+        self._pending: dict[str, _Pending] = {}
+        self._held: dict[str, Job] = {}        # lease -> the job running on it here
+        self._attempts = itertools.count()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+
+    def job_id(self, job: Job) -> str:
+        return f"{self.replica}.{job.seq}"
+
+    # -- lifespan -------------------------------------------------------------------
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._listen()), loop.create_task(self._keep())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.leader is not None:
+            await self.leader.stop()
+            self.leader = None
+            with contextlib.suppress(SlotStoreError):
+                await self.store.resign(self.replica)
+        for task in list(self._background):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 2.0)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- the request side -----------------------------------------------------------
+
+    def _candidates(self, job: Job, now: float) -> list[Backend]:
+        """Backends where the job runs at once if a slot is free, best first: its
+        model resident and ready (any backend with it, with ``prefer_loaded: false``),
+        the least busy first as last seen, the conversation's backend first."""
+        if self.router.prefer_loaded:
+            pool = self.fleet.ready_backends(job.model, job.ctx, now, job.exclude)
+        else:
+            pool = [b for b in self.fleet.holders(job.model, now) if b.name not in job.exclude]
+        pool.sort(key=lambda b: b.in_flight / (b.max_concurrency * b.weight))
+        if job.affinity is not None:
+            pool.sort(key=lambda b: b.name != job.affinity)
+        return pool
+
+    async def acquire(self, job: Job, front: bool = False) -> Backend:
+        now = self.clock()
+        candidates = self._candidates(job, now)
+        if not candidates and not self._servable_later(job, now):
+            raise NoBackend(f"no backend is available for model '{job.model}'",
+                            retry_after=_retry_after(self.backends, now))
+        job_id = self.job_id(job)
+        lease = f"{job_id}.{next(self._attempts)}"
+        charge = job.cost / job.weight if self.queue.fairness != "fifo" else 0.0
+        try:
+            taken = await self.store.acquire(
+                [(b.name, b.max_concurrency) for b in candidates], lease, self.lease_ms,
+                job_id, describe(job, self.replica, front, int(time.time() * 1000)),
+                job.client, charge)
+        except SlotStoreError as exc:
+            raise StoreUnavailable(f"the shared slot store cannot be reached: {exc}",
+                                   retry_after=1) from None
+        if taken.index is not None:
+            backend = candidates[taken.index]
+            backend.in_flight = taken.used - 1
+            self._take(job, backend, lease, "resident", now)
+            return backend
+        self.waiting_total = taken.used
+        if not front and taken.used > self.max_depth:
+            await self._withdraw(job_id)
+            raise QueueFull("server busy, please try again: the queue is full",
+                            retry_after=max(1, int(self.max_wait / 4)))
+        if self.leader is not None:
+            self.leader.kick()
+        return await self._await_grant(job, job_id)
+
+    async def _await_grant(self, job: Job, job_id: str) -> Backend:
+        loop = asyncio.get_running_loop()
+        pending = _Pending(job, loop.create_future(), self.clock())
+        self._pending[job_id] = pending
+        job.enqueued_at = pending.since
+        grant: Grant | None = None
+        try:
+            async with asyncio.timeout(self.max_wait):
+                grant = await pending.future
+        except TimeoutError:
+            if pending.future.done() and not pending.future.cancelled():
+                grant = pending.future.result()
+        finally:
+            self._pending.pop(job_id, None)
+            if grant is None:
+                # Left (client gone, timed out): out of the queue at once; a slot that
+                # was granted meanwhile goes back.
+                await asyncio.shield(self._withdraw(job_id))
+        if grant is None:
+            raise QueueTimeout(
+                f"server busy, please try again: no slot freed within {self.max_wait:g}s",
+                retry_after=max(1, int(self.max_wait / 4)))
+        backend = self.fleet.backend(grant.backend)
+        if backend is None:                   # removed by a reload meanwhile
+            self._give_back_later(grant.backend, grant.lease, job_id, job.client, 0.0)
+            raise NoBackend(f"backend {grant.backend} was removed", retry_after=1)
+        self._take(job, backend, grant.lease, grant.placement, self.clock())
+        return backend
+
+    async def _withdraw(self, job_id: str) -> None:
+        try:
+            left = await self.store.cancel(job_id)
+        except SlotStoreError:
+            return             # its lease, if any, lapses by itself
+        if left.grant is not None:
+            await self._give_back(left.grant.backend, left.grant.lease, job_id, "", 0.0)
+
+    def _take(self, job: Job, backend: Backend, lease: str, placement: str,
+              now: float) -> None:
+        backend.in_flight += 1
+        backend.breaker.on_dispatch(now)
+        load = placement == "load" or self.fleet.resident(backend, job.model, job.ctx) is None
+        self.fleet.on_dispatch(backend, job.model, job.ctx, now, load)
+        job.backend, job.lease, job.dispatched_at = backend, lease, now
+        job.placement = "load" if load else "resident"
+        if job.preemptible:
+            self._stoppable[job.seq] = job
+        self._held[lease] = job
+        self.dispatched += 1
+        if load:
+            self.loads += 1
+
+    def settle(self, job: Job, correction: float) -> None:
+        # Charged in the shared store with the release (no extra round trip).
+        job.settled = correction
+
+    def release(self, job: Job) -> None:
+        backend = job.backend
+        if backend is None:
+            return          # preempted: the slot already belongs to another job
+        job.backend = None
+        job.run = None
+        self._stoppable.pop(job.seq, None)
+        self._held.pop(job.lease, None)
+        backend.in_flight = max(0, backend.in_flight - 1)
+        self.fleet.on_release(backend, job.model, self.clock())
+        correction = job.settled / job.weight if self.queue.fairness == "tokens" else 0.0
+        self._give_back_later(backend.name, job.lease, self.job_id(job), job.client,
+                              correction)
+
+    def _give_back_later(self, backend: str, lease: str, job_id: str, client: str,
+                         correction: float) -> None:
+        # Off the request's path: its client has its answer already.
+        self._spawn(self._give_back(backend, lease, job_id, client, correction))
+
+    async def _give_back(self, backend: str, lease: str, job_id: str, client: str,
+                         correction: float) -> None:
+        try:
+            done = await self.store.release(backend, lease, job_id, client, correction)
+        except SlotStoreError as exc:
+            log.debug("release of %s not recorded (%s): its lease lapses", lease, exc)
+            return
+        b = self.fleet.backend(backend)
+        if b is not None:
+            b.in_flight = done.used
+        if not done.released:
+            self.late_releases += 1
+            log.warning("late release of a slot on %s ignored: its lease had lapsed and the "
+                        "slot was taken back (a pause longer than the lease?)", backend)
+
+    def answered(self, job: Job) -> None:
+        backend = job.backend
+        loaded = (backend is not None and job.placement == "load")
+        super().answered(job)
+        if loaded and backend is not None:
+            # Every replica learns the model is in (the leader announced the load).
+            ctx = "" if job.ctx is None else str(job.ctx)
+            self._spawn(self._announce(f"ready {backend.name} {job.model} {ctx}"))
+
+    async def _announce(self, message: str) -> None:
+        with contextlib.suppress(SlotStoreError):
+            await self.store.announce(message)
+
+    def dispatch(self) -> None:
+        """Waiting jobs are the leader's: wake it (when this replica is the leader)."""
+        if self.leader is not None:
+            self.leader.kick()
+
+    # -- notifications, leadership, renewals -----------------------------------------
+
+    async def _listen(self) -> None:
+        channels = [LEADER, replica_channel(self.replica), FLEET]
+        async for channel, message in self.store.listen(channels):
+            try:
+                if channel == "":
+                    await self._resync()
+                elif channel == LEADER:
+                    if self.leader is not None:
+                        self.leader.on_message(message)
+                elif channel == FLEET:
+                    self._fleet_event(message)
+                else:
+                    self._granted(message)
+            except SlotStoreError as exc:
+                log.debug("notification not handled: %s", exc)
+
+    def _granted(self, message: str) -> None:
+        kind, _, rest = message.partition(" ")
+        if kind != "grant":
+            return
+        job_id, _, text = rest.partition(" ")
+        grant = Grant.parse(text)
+        pending = self._pending.get(job_id)
+        if pending is None or pending.future.done():
+            # Nobody waits for it any more: the slot goes back at once.
+            self._give_back_later(grant.backend, grant.lease, job_id, "", 0.0)
+            return
+        pending.future.set_result(grant)
+
+    def _fleet_event(self, message: str) -> None:
+        parts = message.split(" ")
+        if len(parts) != 4:
+            return
+        kind, name, model, ctx_text = parts
+        backend = self.fleet.backend(name)
+        if backend is None:
+            return
+        ctx = int(ctx_text) if ctx_text.isdigit() else None
+        if kind == "load":
+            self.fleet.loading(backend, model, ctx, self.clock())
+        elif kind == "ready":
+            self.fleet.on_ready(backend, model, ctx, self.clock())
+
+    async def _resync(self) -> None:
+        """After (re)subscribing: grants sent while not listening are in the store."""
+        await self._recover_grants(0.0)
+        if self.leader is not None:
+            await self.leader.resync()
+
+    async def _recover_grants(self, older_than: float) -> None:
+        now = self.clock()
+        ids = [j for j, p in self._pending.items() if now - p.since >= older_than]
+        if not ids:
+            return
+        for job_id, grant in (await self.store.granted(ids)).items():
+            pending = self._pending.get(job_id)
+            if pending is not None and not pending.future.done():
+                pending.future.set_result(grant)
+
+    async def _keep(self) -> None:
+        """Once a second: heartbeat, leadership, renewals of running leases, grants
+        whose message was lost."""
+        renew_every = max(self.lease_ms / 3000, 0.1)
+        last_renew = -math.inf
+        while True:
+            try:
+                await self.store.heartbeat(self.replica, self.info(), 3 * self.leader_ms)
+                await self._elect()
+                now = self.clock()
+                if now - last_renew >= renew_every:
+                    last_renew = now
+                    await self._renew()
+                await self._recover_grants(1.0)
+            except SlotStoreError as exc:
+                log.debug("shared store: %s", exc)
+            await asyncio.sleep(min(self.leader_ms / 3000, 1.0))
+
+    async def _elect(self) -> None:
+        leading, who = await self.store.lead(self.replica, self.leader_ms)
+        self.leader_id = who
+        if leading and self.leader is None:
+            leader = Leader(self)
+            await leader.start()
+            self.leader = leader
+            log.info("replica %s orders the shared queue", self.replica)
+        elif not leading and self.leader is not None:
+            await self.leader.stop()
+            self.leader = None
+            log.info("replica %s no longer orders the shared queue (%s does)",
+                     self.replica, who)
+
+    async def _renew(self) -> None:
+        held = [(job.backend.name, lease) for lease, job in self._held.items()
+                if job.backend is not None]
+        if not held:
+            return
+        for i in await self.store.renew(held, self.lease_ms):
+            self.leases_lost += 1
+            backend, lease = held[i]
+            self._held.pop(lease, None)
+            log.warning("the lease of a request running on %s lapsed before it was renewed "
+                        "(a pause longer than %gs?): its slot may be in use twice until it "
+                        "ends", backend, self.lease_ms / 1000)
+
+    def status(self) -> dict[str, object]:
+        return {"replica": self.replica, "leader": self.leader_id,
+                "leading": self.leader is not None, "waiting": self.waiting_total,
+                "leases_held": len(self._held), "late_releases": self.late_releases,
+                "leases_lost": self.leases_lost}
+
+
+def decode_info(raw: bytes) -> dict[str, object]:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
