@@ -96,11 +96,19 @@ class Gateway:
                              max_preemptions=q.max_preemptions)
         host, port = settings.listen_host_port
         replica = f"{socket.gethostname()}:{port}:{os.getpid()}"
-        info = orjson.dumps({"address": f"{host}:{port}", "version": __version__,
-                             "started": self.started, "pid": os.getpid()})
+        address = f"{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{port}"
+
+        def info() -> bytes:
+            # What the other replicas (and /corral/status) say of this one.
+            return orjson.dumps({"address": address, "version": __version__,
+                                 "started": round(self.started, 3), "pid": os.getpid(),
+                                 "seen": round(time.time(), 3)})
+
         return SharedScheduler(self.fleet, self.router, self.queue, q.max_depth, q.max_wait,
                                RedisSlotStore.from_url(settings.state), replica,
-                               max_preemptions=q.max_preemptions, info=lambda: info)
+                               max_preemptions=q.max_preemptions, info=info,
+                               lease_ms=int(q.slot_lease * 1000),
+                               on_store_error=q.on_store_error)
 
     def install_own_routes(self) -> None:
         # Per instance: the metrics path comes from the settings.
@@ -133,6 +141,9 @@ class Gateway:
         self.scheduler.max_depth = settings.queue.max_depth
         self.scheduler.max_wait = settings.queue.max_wait
         self.scheduler.max_preemptions = settings.queue.max_preemptions
+        if isinstance(self.scheduler, SharedScheduler):
+            self.scheduler.lease_ms = int(settings.queue.slot_lease * 1000)
+            self.scheduler.on_store_error = settings.queue.on_store_error
 
     # -- lifespan -------------------------------------------------------------------
 

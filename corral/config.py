@@ -305,6 +305,19 @@ class QueueConfig(_Model):
     # Times one request may be stopped and requeued for a higher class: bounded so
     # that low-class work always finishes.
     max_preemptions: int = Field(2, ge=0, le=100)
+    # With several replicas (state in Redis): a slot is a lease that its replica renews
+    # while the request runs; the slots of a replica that died come back after this.
+    slot_lease: Duration = 10.0
+    # While the shared state store cannot be reached: "allow" carries on, each replica
+    # with its share of each backend's slots (never more in all); "deny" answers 503.
+    on_store_error: Literal["allow", "deny"] = "allow"
+
+    @field_validator("slot_lease")
+    @classmethod
+    def _slot_lease(cls, value: float) -> float:
+        if not 1.0 <= value <= 300.0:
+            raise ValueError(f"must be between 1s and 5m, not {value:g}s")
+        return value
 
 
 class JobsConfig(_Model):

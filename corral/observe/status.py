@@ -353,4 +353,7 @@ def build_status(gw: Observed) -> dict[str, Any]:
     status["recent"] = dict(activity.recent)
     status["series"] = activity.series_json()
     status["jobs"] = gw.jobs.status()
+    shared = gw.scheduler.replication()
+    if shared is not None:
+        status["shared"] = shared       # several replicas on one state store
     return status

@@ -424,6 +424,11 @@ class Scheduler:
     def depth(self) -> int:
         return len(self.queue)
 
+    def replication(self) -> dict[str, object] | None:
+        """With several replicas: this one, the leader, the replicas alive (``None``
+        for one process)."""
+        return None
+
 
 def _retry_after(backends: list[Backend], now: float) -> int:
     waits = [b.breaker.retry_after(now) for b in backends if b.breaker.retry_after(now) > 0]

@@ -209,3 +209,11 @@ async def test_replicas_are_known_while_their_heartbeat_lasts(
     clock.advance(200)
     await asyncio.sleep(0.25)
     assert await slots.replicas() == {"r1": b'{"address": "a"}'}
+
+
+async def test_adopted_leases_count_whatever_the_cap(slots: SlotStore) -> None:
+    await slots.acquire([("a", 1)], "l1", TTL, "j1", None)
+    await slots.adopt([("a", "ran-alone-1"), ("a", "ran-alone-2")], TTL)
+    assert await slots.counts(["a"]) == ([3], 0)
+    assert (await slots.acquire([("a", 1)], "l2", TTL, "j2", None)).index is None
+    assert (await slots.release("a", "ran-alone-1", "x")).released

@@ -4,10 +4,13 @@ redis-server started for the test, stand-in backends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import subprocess
 import time
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.integration.conftest import Gateway, backends
 
@@ -51,3 +54,153 @@ async def test_the_slot_cap_holds_at_the_backend_under_load_from_every_replica(
     stats = sim.stats()
     assert stats["completed"] == 18
     assert stats["max_in_flight"] == 1
+
+
+async def test_a_high_class_job_on_one_replica_goes_before_low_class_work_waiting_on_another(
+        start_sim: Any, start_corral: Any, start_redis: Any) -> None:
+    redis = start_redis()
+    sim = start_sim("--models", M1, "--loaded", M1, "--parallel", "1", "--tps", "100")
+    a, b = replicas(start_corral, redis.url, [sim], 2, slots=1)
+    async with aiohttp.ClientSession() as s:
+        batch = [asyncio.create_task(generate(s, a, 30, "sk-nightly")) for _ in range(4)]
+        await asyncio.sleep(0.15)          # one runs, three wait (queued through A)
+        person = await generate(s, b, 5, "sk-alice")
+        done = await asyncio.gather(*batch)
+    assert person["_status"] == 200 and all(d["_status"] == 200 for d in done)
+    finished = sorted(d["_done_at"] for d in done)
+    # The person went right after the batch request that was running.
+    assert finished[0] < person["_done_at"] < finished[1]
+
+
+async def test_a_client_flooding_two_replicas_gets_one_share(
+        start_sim: Any, start_corral: Any, start_redis: Any) -> None:
+    redis = start_redis()
+    sim = start_sim("--models", M1, "--loaded", M1, "--parallel", "1", "--tps", "200")
+    a, b = replicas(start_corral, redis.url, [sim], 2, slots=1)
+    order: list[str] = []
+    async with aiohttp.ClientSession() as s:
+        async def run(tag: str, gw: Gateway, key: str) -> None:
+            answer = await generate(s, gw, 10, key)
+            assert answer["_status"] == 200
+            order.append(tag)
+
+        hog = [asyncio.create_task(run(f"hog{i}", (a, b)[i % 2], "sk-hog"))
+               for i in range(12)]
+        await asyncio.sleep(0.3)
+        light = [asyncio.create_task(run(f"light{i}", a, "sk-light")) for i in range(2)]
+        await asyncio.gather(*hog, *light)
+    # As with one replica: the light client alternates with the hog instead of
+    # waiting behind both replicas' backlog.
+    first, second = order.index("light0"), order.index("light1")
+    assert second - first <= 2, order
+    assert len(order) - 1 - second >= 4, order
+
+
+async def test_a_killed_replicas_slot_comes_back_within_the_lease(
+        start_sim: Any, start_corral: Any, start_redis: Any) -> None:
+    redis = start_redis()
+    sim = start_sim("--models", M1, "--loaded", M1, "--parallel", "2", "--tps", "50")
+    a, b = replicas(start_corral, redis.url, [sim], 2, slots=1,
+                    **{"queue": {"max_wait": "60s", "slot_lease": "2s"}})
+    async with aiohttp.ClientSession() as s:
+        doomed = asyncio.create_task(generate(s, a, 500, "sk-hog"))      # 10 s
+        for _ in range(100):
+            if sim.stats()["in_flight"] == 1:
+                break
+            await asyncio.sleep(0.05)
+        a.proc.kill()                  # SIGKILL: no release, no goodbye
+        killed_at = time.monotonic()
+        with contextlib.suppress(aiohttp.ClientError):
+            await doomed
+        answer = await generate(s, b, 5, "sk-light")
+    assert answer["_status"] == 200
+    waited = answer["_done_at"] - killed_at
+    # The lease (2 s) lapses, unrenewed; the slot is free again then, not later.
+    assert waited < 2.0 + 1.5, waited
+    assert sim.stats()["max_in_flight"] <= 1
+
+
+async def test_when_the_leader_dies_another_replica_orders_the_queue(
+        start_sim: Any, start_corral: Any, start_redis: Any) -> None:
+    redis = start_redis()
+    sim = start_sim("--models", M1, "--loaded", M1, "--parallel", "1", "--tps", "100")
+    a, b = replicas(start_corral, redis.url, [sim], 2, slots=1)
+    for _ in range(100):
+        leader = a.status()["shared"]["leader"]
+        if leader:
+            break
+        await asyncio.sleep(0.05)
+    lead, other = (a, b) if a.status()["shared"]["leading"] else (b, a)
+    assert other.status()["shared"]["leader"] == lead.status()["shared"]["replica"]
+    async with aiohttp.ClientSession() as s:
+        running = asyncio.create_task(generate(s, other, 100, "sk-hog"))   # 1 s
+        await asyncio.sleep(0.2)
+        waiting = asyncio.create_task(generate(s, other, 5, "sk-light"))
+        await asyncio.sleep(0.2)
+        lead.proc.kill()
+        first, second = await asyncio.gather(running, waiting)
+    assert first["_status"] == 200 and second["_status"] == 200
+    assert other.status()["shared"]["leading"] is True
+    # The dead replica drops out of the list once its heartbeat lapses.
+    me = other.status()["shared"]["replica"]
+    for _ in range(100):
+        listed = other.status()["shared"]["replicas"]
+        if [r["id"] for r in listed] == [me]:
+            break
+        await asyncio.sleep(0.1)
+    assert [r["id"] for r in listed] == [me]
+    assert listed[0]["address"] == f"127.0.0.1:{other.port}" and listed[0]["seen"] > 0
+
+
+def _redis_on(port: int, log: Any) -> subprocess.Popen[bytes]:
+    import shutil
+    import socket
+
+    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port",
+                             str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=log.open("ab"),
+                            stderr=subprocess.STDOUT)
+    for _ in range(200):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return proc
+        time.sleep(0.02)
+    raise AssertionError("redis-server did not come back")
+
+
+@pytest.mark.parametrize(("policy", "during"), [("allow", 200), ("deny", 503)])
+async def test_redis_restarted_mid_run(start_sim: Any, start_corral: Any, start_redis: Any,
+                                       tmp_path: Any, policy: str, during: int) -> None:
+    redis = start_redis()
+    sim = start_sim("--models", M1, "--loaded", M1, "--parallel", "8", "--tps", "200")
+    gws = replicas(start_corral, redis.url, [sim], 2, slots=2,
+                   **{"queue": {"max_wait": "60s", "on_store_error": policy}})
+    for _ in range(100):                   # each knows of the other
+        if all(len(g.status()["shared"]["replicas"]) == 2 for g in gws):
+            break
+        await asyncio.sleep(0.05)
+    async with aiohttp.ClientSession() as s:
+        before = await asyncio.gather(*(generate(s, gws[i % 2], 10) for i in range(6)))
+        assert [a["_status"] for a in before] == [200] * 6
+        redis.kill()
+        await asyncio.sleep(1.5)           # both replicas notice (heartbeats fail)
+        outage = await asyncio.gather(*(generate(s, gws[i % 2], 10) for i in range(8)))
+        assert {a["_status"] for a in outage} == {during}
+        restarted = _redis_on(redis.port, tmp_path / "redis-again.log")
+        try:
+            await asyncio.sleep(2.0)       # heartbeats succeed again: shared once more
+            after = await asyncio.gather(*(generate(s, gws[i % 2], 10) for i in range(8)))
+            assert [a["_status"] for a in after] == [200] * 8
+            statuses = [g.status()["shared"] for g in gws]
+        finally:
+            restarted.kill()
+            restarted.wait()
+    # Never more at the backend than its slots, before, during or after the outage.
+    assert sim.stats()["max_in_flight"] <= 2
+    assert all(st["store"] == "ok" and st["outages"] == 1 and not st["alone"]
+               for st in statuses)
+    for gw in gws:
+        log = gw.log.read_text()
+        assert log.count("shared slot store unavailable") == 1, log
+        assert log.count("shared slot store is back") == 1, log
+    if during == 503:
+        assert all("cannot be reached" in a["error"] for a in outage)

@@ -25,6 +25,9 @@ from typing import Any, Final
 
 from redis.asyncio import Redis
 from redis.asyncio import from_url as redis_from_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from corral.scheduler.shared.store import (
@@ -71,8 +74,13 @@ class RedisSlotStore:
     def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX,
                  timeout_s: float = DEFAULT_TIMEOUT_S,
                  clock: Callable[[], int] | None = None) -> RedisSlotStore:
+        # One immediate retry on a broken connection: after Redis restarts, every
+        # pooled connection is stale, and a request must not fail for that (every
+        # operation is safe to run twice: leases are named, queueing is idempotent).
         client = redis_from_url(url, socket_timeout=timeout_s,
-                                socket_connect_timeout=timeout_s)
+                                socket_connect_timeout=timeout_s,
+                                retry=Retry(NoBackoff(), 1, supported_errors=(
+                                    RedisConnectionError,)))
         return cls(client, prefix=prefix, owns_client=True, clock=clock)
 
     @property
@@ -139,6 +147,11 @@ class RedisSlotStore:
         out = await self._run("renew", [b for b, _ in leases],
                               [ttl_ms, *(lease for _, lease in leases)])
         return [int(i) - 1 for i in out]
+
+    async def adopt(self, leases: Sequence[tuple[str, str]], ttl_ms: int) -> None:
+        if leases:
+            await self._run("adopt", [b for b, _ in leases],
+                            [ttl_ms, *(lease for _, lease in leases)])
 
     async def counts(self, backends: Sequence[str]) -> tuple[list[int], int]:
         out = await self._run("counts", backends, [])

@@ -31,6 +31,7 @@ import orjson
 from corral.backends.backend import Backend
 from corral.fleet.state import Fleet
 from corral.pipeline.route import Router
+from corral.scheduler.placement import Placement
 from corral.scheduler.queues import Job, JobQueue
 from corral.scheduler.shared.leader import Leader, describe
 from corral.scheduler.shared.store import (
@@ -57,6 +58,18 @@ class StoreUnavailable(SchedulingError):
     pass
 
 
+class _ModeChanged(Exception):
+    """The shared store went away or came back: the job asks again, the other way."""
+
+
+def share(slots: int, replicas: int, rank: int) -> int:
+    """This replica's part of a backend's slots while the shared store is away: the
+    slots divided among the replicas it last saw, the remainder to the first ranks,
+    so that together they never exceed the backend's slots."""
+    replicas = max(replicas, 1)
+    return slots // replicas + (1 if rank < slots % replicas else 0)
+
+
 @dataclass(slots=True)
 class _Pending:
     job: Job
@@ -69,9 +82,18 @@ class SharedScheduler(Scheduler):
                  max_wait: float, store: SlotStore, replica: str, *,
                  clock: Callable[[], float] = time.monotonic, max_preemptions: int = 2,
                  lease_ms: int = 15_000, leader_ms: int = 3_000,
-                 info: Callable[[], bytes] = lambda: b"{}") -> None:
+                 info: Callable[[], bytes] = lambda: b"{}",
+                 on_store_error: str = "allow") -> None:
         super().__init__(fleet, router, queue, max_depth, max_wait, clock, max_preemptions)
         self.store = store
+        # While the store is away: "allow" carries on with a share of each backend's
+        # slots (the in-process scheduler); "deny" answers 503.
+        self.on_store_error = on_store_error
+        self.local = False          # carrying on alone
+        self.outage = False
+        self.outages = 0
+        self._caps: dict[int, int] = {}      # backend id -> its slots, while local
+        self._alone: dict[int, Job] = {}     # jobs started while local, by seq
         self.replica = replica
         self.lease_ms = lease_ms
         self.leader_ms = leader_ms
@@ -85,6 +107,7 @@ class SharedScheduler(Scheduler):
         self._held: dict[str, Job] = {}        # lease -> the job running on it here
         self._attempts = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
+        self.replicas: dict[str, dict[str, object]] = {}    # as of the last heartbeat
         self._background: set[asyncio.Task[None]] = set()
 
     def job_id(self, job: Job) -> str:
@@ -94,7 +117,9 @@ class SharedScheduler(Scheduler):
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.replicas = {self.replica: {}}
         self._tasks = [loop.create_task(self._listen()), loop.create_task(self._keep())]
+        self._spawn(self._announce(f"hello {self.replica}"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -131,6 +156,19 @@ class SharedScheduler(Scheduler):
         return pool
 
     async def acquire(self, job: Job, front: bool = False) -> Backend:
+        while True:
+            try:
+                if self.local:
+                    return await super().acquire(job, front)
+                return await self._acquire_shared(job, front)
+            except _ModeChanged:
+                continue
+            except StoreUnavailable as exc:
+                self._store_down(exc)
+                if self.on_store_error == "deny":
+                    raise
+
+    async def _acquire_shared(self, job: Job, front: bool) -> Backend:
         now = self.clock()
         candidates = self._candidates(job, now)
         if not candidates and not self._servable_later(job, now):
@@ -213,6 +251,74 @@ class SharedScheduler(Scheduler):
         if load:
             self.loads += 1
 
+    # -- while the shared store is away ------------------------------------------------
+
+    def _store_down(self, exc: BaseException) -> None:
+        if self.outage:
+            return
+        self.outage = True
+        self.outages += 1
+        if self.on_store_error == "deny":
+            log.warning("shared slot store unavailable (%s): requests get 503 until it is "
+                        "back", exc)
+            return
+        mine = sorted(self.replicas) if self.replica in self.replicas else [self.replica]
+        rank, count = mine.index(self.replica), len(mine)
+        log.warning("shared slot store unavailable (%s): this replica carries on alone with "
+                    "its share of each backend's slots (1/%d) until it is back", exc, count)
+        self._go_local(count, rank)
+
+    def _go_local(self, replicas: int, rank: int) -> None:
+        self.local = True
+        running: dict[int, int] = {}
+        for job in self._held.values():
+            if job.backend is not None:
+                running[id(job.backend)] = running.get(id(job.backend), 0) + 1
+        for b in self.fleet.backends:
+            self._caps[id(b)] = b.max_concurrency
+            b.max_concurrency = share(b.max_concurrency, replicas, rank)
+            b.in_flight = running.get(id(b), 0)          # what runs here, now
+        # Jobs waiting for a grant ask again, in the local queue.
+        for pending in list(self._pending.values()):
+            if not pending.future.done():
+                pending.future.set_exception(_ModeChanged())
+
+    async def _store_back(self) -> None:
+        if not self.outage:
+            return
+        self.outage = False
+        if not self.local:
+            log.warning("shared slot store is back")
+            return
+        # Requests that run at the backends — started alone, or before the outage with
+        # a lease that may be gone — are recorded as they are, then slots are shared.
+        for job in self._alone.values():
+            if job.backend is not None:
+                job.lease = f"{self.job_id(job)}.{next(self._attempts)}"
+                self._held[job.lease] = job
+        self._alone.clear()
+        running = [(j.backend.name, lease) for lease, j in self._held.items()
+                   if j.backend is not None]
+        await self.store.adopt(running, self.lease_ms)
+        for b in self.fleet.backends:
+            b.max_concurrency = self._caps.pop(id(b), b.max_concurrency)
+        self.local = False
+        # Jobs waiting here alone join the shared queue.
+        for waiter in list(self._waiters.values()):
+            if self.queue.remove(waiter.job):
+                self.fleet.on_queue(waiter.job.model, -1)
+            self._waiters.pop(waiter.job.seq, None)
+            if not waiter.future.done():
+                waiter.future.set_exception(_ModeChanged())
+        log.warning("shared slot store is back: %d running request(s) recorded there; "
+                    "slots are shared again", len(running))
+
+    def _grant(self, job: Job, placement: Placement, now: float,
+               transfer: bool = False, load: bool | None = None) -> None:
+        super()._grant(job, placement, now, transfer, load)
+        if self.local:
+            self._alone[job.seq] = job      # to be recorded once the store is back
+
     def settle(self, job: Job, correction: float) -> None:
         # Charged in the shared store with the release (no extra round trip).
         job.settled = correction
@@ -221,6 +327,10 @@ class SharedScheduler(Scheduler):
         backend = job.backend
         if backend is None:
             return          # preempted: the slot already belongs to another job
+        if not job.lease:
+            self._alone.pop(job.seq, None)
+            super().release(job)        # started while the store was away: local
+            return
         job.backend = None
         job.run = None
         self._stoppable.pop(job.seq, None)
@@ -230,6 +340,8 @@ class SharedScheduler(Scheduler):
         correction = job.settled / job.weight if self.queue.fairness == "tokens" else 0.0
         self._give_back_later(backend.name, job.lease, self.job_id(job), job.client,
                               correction)
+        if self.local and self._waiters:
+            super().dispatch()          # a local waiter may take the slot
 
     def _give_back_later(self, backend: str, lease: str, job_id: str, client: str,
                          correction: float) -> None:
@@ -265,8 +377,11 @@ class SharedScheduler(Scheduler):
             await self.store.announce(message)
 
     def dispatch(self) -> None:
-        """Waiting jobs are the leader's: wake it (when this replica is the leader)."""
-        if self.leader is not None:
+        """Waiting jobs are the leader's: wake it (when this replica is the leader);
+        while the store is away, they are this replica's own."""
+        if self.local:
+            super().dispatch()
+        elif self.leader is not None:
             self.leader.kick()
 
     # -- notifications, leadership, renewals -----------------------------------------
@@ -301,6 +416,11 @@ class SharedScheduler(Scheduler):
         pending.future.set_result(grant)
 
     def _fleet_event(self, message: str) -> None:
+        if message.startswith("hello "):
+            # A replica that just started: counted at once among those sharing the
+            # slots, should the store go away before the next heartbeat lists it.
+            self.replicas.setdefault(message[6:], {})
+            return
         parts = message.split(" ")
         if len(parts) != 4:
             return
@@ -337,7 +457,11 @@ class SharedScheduler(Scheduler):
         last_renew = -math.inf
         while True:
             try:
-                await self.store.heartbeat(self.replica, self.info(), 3 * self.leader_ms)
+                await self.store.heartbeat(self.replica, self.info(), self.leader_ms)
+                await self._store_back()
+                self.replicas = {r: decode_info(raw)
+                                 for r, raw in (await self.store.replicas()).items()}
+                self.replicas.setdefault(self.replica, {})
                 await self._elect()
                 now = self.clock()
                 if now - last_renew >= renew_every:
@@ -345,7 +469,10 @@ class SharedScheduler(Scheduler):
                     await self._renew()
                 await self._recover_grants(1.0)
             except SlotStoreError as exc:
-                log.debug("shared store: %s", exc)
+                self._store_down(exc)
+                if self.leader is not None:
+                    await self.leader.stop()     # a new one is elected once it is back
+                    self.leader = None
             await asyncio.sleep(min(self.leader_ms / 3000, 1.0))
 
     async def _elect(self) -> None:
@@ -375,11 +502,16 @@ class SharedScheduler(Scheduler):
                         "(a pause longer than %gs?): its slot may be in use twice until it "
                         "ends", backend, self.lease_ms / 1000)
 
-    def status(self) -> dict[str, object]:
+    def replication(self) -> dict[str, object] | None:
+        leader = self.leader
         return {"replica": self.replica, "leader": self.leader_id,
-                "leading": self.leader is not None, "waiting": self.waiting_total,
+                "leading": leader is not None,
+                "waiting": len(leader.jobs) if leader is not None else self.waiting_total,
                 "leases_held": len(self._held), "late_releases": self.late_releases,
-                "leases_lost": self.leases_lost}
+                "leases_lost": self.leases_lost, "lease_s": self.lease_ms / 1000,
+                "store": "unavailable" if self.outage else "ok", "outages": self.outages,
+                "alone": self.local, "on_store_error": self.on_store_error,
+                "replicas": [{"id": r, **info} for r, info in sorted(self.replicas.items())]}
 
 
 def decode_info(raw: bytes) -> dict[str, object]:

@@ -143,6 +143,15 @@ if op == 'renew' then
   return lost
 end
 
+-- adopt: KEYS[FIRST..] backends; ARGV[3] ttl, ARGV[4..] one lease per key. Requests
+-- that started while the store was away are running at the backends: their leases
+-- are recorded whatever the counts, so nobody else takes their slots.
+if op == 'adopt' then
+  local ttl = tonumber(ARGV[3])
+  for i = FIRST, #KEYS do take(KEYS[i], ARGV[i + 4 - FIRST], ttl) end
+  return #KEYS - FIRST + 1
+end
+
 -- counts: KEYS[FIRST..] backends -> the use of each, then the number of jobs waiting.
 if op == 'counts' then
   local out = {}

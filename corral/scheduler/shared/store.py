@@ -11,6 +11,8 @@ One atomic operation per step of a slot's life, the same on every store:
 - ``cancel`` — a job leaves the queue (its client left, it timed out), or learns the
   slot it was granted meanwhile.
 - ``renew`` — leases of requests still running are extended; lost ones are named.
+- ``adopt`` — leases of requests that started while the store was away are recorded
+  as they are (they run at the backend whatever the counts say).
 - ``counts`` — each backend's use and the number of jobs waiting.
 - ``lead`` / ``resign`` — one replica at a time orders the queue (a lease on
   leadership, kept by calling ``lead`` again before it lapses).
@@ -99,6 +101,8 @@ class SlotStore(Protocol):
     async def cancel(self, job_id: str) -> Cancelled: ...
 
     async def renew(self, leases: Sequence[tuple[str, str]], ttl_ms: int) -> list[int]: ...
+
+    async def adopt(self, leases: Sequence[tuple[str, str]], ttl_ms: int) -> None: ...
 
     async def counts(self, backends: Sequence[str]) -> tuple[list[int], int]: ...
 
@@ -230,6 +234,11 @@ class MemorySlotStore:
             else:
                 lost.append(i)
         return lost
+
+    async def adopt(self, leases: Sequence[tuple[str, str]], ttl_ms: int) -> None:
+        now = self.clock()
+        for backend, lease in leases:
+            self._leases.setdefault(backend, {})[lease] = now + ttl_ms
 
     async def counts(self, backends: Sequence[str]) -> tuple[list[int], int]:
         now = self.clock()
