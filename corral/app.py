@@ -25,7 +25,7 @@ from corral import __version__
 from corral.backends.backend import Backend
 from corral.backends.breaker import Breaker
 from corral.backends.health import HealthMonitor
-from corral.config import BackendConfig, Settings, max_loaded_models
+from corral.config import BackendConfig, Settings, fingerprint, max_loaded_models
 from corral.fleet.state import Fleet
 from corral.jobs.api import ITEM_PREFIX as JOB_ITEM_PREFIX
 from corral.jobs.api import job_item, job_routes
@@ -102,7 +102,8 @@ class Gateway:
             # What the other replicas (and /corral/status) say of this one.
             return orjson.dumps({"address": address, "version": __version__,
                                  "started": round(self.started, 3), "pid": os.getpid(),
-                                 "seen": round(time.time(), 3)})
+                                 "seen": round(time.time(), 3),
+                                 "config": fingerprint(self.settings)})
 
         return SharedScheduler(self.fleet, self.router, self.queue, q.max_depth, q.max_wait,
                                RedisSlotStore.from_url(settings.state), replica,

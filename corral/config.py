@@ -436,6 +436,22 @@ class Settings(_Model):
         return _split_host_port(self.listen, "listen address")
 
 
+def fingerprint(settings: Settings) -> str:
+    """What replicas sharing one state store must agree on — backends, limits, tiers
+    and keys (names, tiers, admin: never a secret) — as a short digest."""
+    import hashlib
+    import json
+
+    shared = {
+        "backends": [b.model_dump(mode="json") for b in settings.backends],
+        "limits": settings.limits.model_dump(mode="json"),
+        "tiers": {n: t.model_dump(mode="json") for n, t in sorted(settings.tiers.items())},
+        "keys": [[k.name, k.tier, k.admin] for k in settings.keys],
+    }
+    text = json.dumps(shared, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def max_loaded_models(settings: Settings) -> dict[str, int | None]:
     """Each backend's configured ``max_loaded_models`` (None: learned from /api/ps)."""
     return {b.name: b.max_loaded_models for b in settings.backends}

@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
@@ -277,7 +282,43 @@ class FleetCollector(Collector):
             if isinstance(value, int):
                 jobs.add_metric([state], value)
         return [info, up, routable, in_flight, slots, models, loaded, vram, model_loaded,
-                depth, jobs, *self._knowledge(now)]
+                depth, jobs, *self._knowledge(now), *self._replication()]
+
+    def _replication(self) -> list[Metric]:
+        """Several replicas on one state store (absent for one process)."""
+        scheduler = getattr(self.fleet, "scheduler", None)
+        shared = scheduler.replication() if scheduler is not None else None
+        if not shared:
+            return []
+        replicas = GaugeMetricFamily(
+            "corral_replicas", "Replicas sharing the state store, as this one last saw.")
+        replicas.add_metric([], len(shared["replicas"]))
+        leading = GaugeMetricFamily(
+            "corral_replica_leading", "1 when this replica orders the shared queue.")
+        leading.add_metric([], 1 if shared["leading"] else 0)
+        store = GaugeMetricFamily(
+            "corral_state_store_up", "1 when the shared state store answers; 0 while "
+            "this replica carries on alone or refuses (queue.on_store_error).")
+        store.add_metric([], 1 if shared["store"] == "ok" else 0)
+        waiting = GaugeMetricFamily(
+            "corral_shared_queue_waiting", "Jobs waiting for a slot on all replicas.")
+        waiting.add_metric([], shared["waiting"])
+        mismatch = GaugeMetricFamily(
+            "corral_replica_config_mismatch",
+            "Other replicas on the store running another configuration.")
+        mismatch.add_metric([], len(shared["config_mismatch"]))
+        outages = CounterMetricFamily(
+            "corral_state_store_outages", "Times the shared state store went away.")
+        outages.add_metric([], shared["outages"])
+        late = CounterMetricFamily(
+            "corral_slot_late_releases", "Releases of a slot whose lease had lapsed and "
+            "was taken back (ignored: nothing is freed twice).")
+        late.add_metric([], shared["late_releases"])
+        lost = CounterMetricFamily(
+            "corral_slot_leases_lost", "Leases of running requests found lapsed when "
+            "renewed (a pause longer than queue.slot_lease).")
+        lost.add_metric([], shared["leases_lost"])
+        return [replicas, leading, store, waiting, mismatch, outages, late, lost]
 
     def _knowledge(self, now: float) -> list[Metric]:
         """What the scheduler has learned about the fleet (absent in a bare view)."""

@@ -204,3 +204,29 @@ async def test_redis_restarted_mid_run(start_sim: Any, start_corral: Any, start_
         assert log.count("shared slot store is back") == 1, log
     if during == 503:
         assert all("cannot be reached" in a["error"] for a in outage)
+
+
+async def test_replicas_with_another_configuration_are_named_loudly(
+        start_sim: Any, start_corral: Any, start_redis: Any) -> None:
+    redis = start_redis()
+    sim = start_sim("--models", M1, "--loaded", M1, "--instant")
+    a = start_corral({"state": redis.url, "backends": backends(sim, slots=2), "keys": KEYS})
+    b = start_corral({"state": redis.url, "backends": backends(sim, slots=2), "keys": KEYS,
+                      "limits": [{"name": "per-ip", "key": "ip", "rate": "10r/s"}]})
+    c = start_corral({"state": redis.url, "backends": backends(sim, slots=2), "keys": KEYS})
+    ids = {}
+    for _ in range(100):
+        shared = [g.status()["shared"] for g in (a, b, c)]
+        ids = {s["replica"]: s for s in shared}
+        if all(len(s["replicas"]) == 3 for s in shared):
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.2)              # one more heartbeat compares them
+    sa, sb, sc = (g.status()["shared"] for g in (a, b, c))
+    assert sa["config"] == sc["config"] != sb["config"]
+    assert sa["config_mismatch"] == [sb["replica"]] == sc["config_mismatch"]
+    assert sorted(sb["config_mismatch"]) == sorted([sa["replica"], sc["replica"]])
+    assert f"replica {sb['replica']} runs another configuration" in a.log.read_text()
+    async with aiohttp.ClientSession() as s, s.get(a.url + "/metrics") as r:
+        assert "corral_replica_config_mismatch 1.0" in await r.text()
+    assert len(ids) == 3

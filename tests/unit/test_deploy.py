@@ -60,10 +60,15 @@ def test_the_image_runs_corral_serve_unprivileged_on_the_mounted_configuration()
 
 
 def exported_metrics() -> dict[str, str]:
-    """Metric family → type, as a gateway's /metrics declares them (# TYPE lines)."""
-    gw = Gateway(load_settings_text("backends: [{url: 'http://127.0.0.1:1'}]\n"))
-    body, _ = gw.metrics.exposition(None)
-    return dict(re.findall(r"^# TYPE (\S+) (\S+)$", body.decode(), re.M))
+    """Metric family → type, as a gateway's /metrics declares them (# TYPE lines): one
+    process, and a replica on a shared state store (nothing connects to build it)."""
+    types: dict[str, str] = {}
+    for state in ("memory", "redis://127.0.0.1:1/0"):
+        gw = Gateway(load_settings_text(f"state: '{state}'\n"
+                                        "backends: [{url: 'http://127.0.0.1:1'}]\n"))
+        body, _ = gw.metrics.exposition(None)
+        types.update(re.findall(r"^# TYPE (\S+) (\S+)$", body.decode(), re.M))
+    return types
 
 
 def _queries(dashboard: dict[str, Any]) -> list[str]:
@@ -91,3 +96,4 @@ def test_every_metric_the_dashboard_asks_for_is_exported() -> None:
 def test_the_check_catches_a_metric_corral_does_not_export() -> None:
     types = exported_metrics()
     assert "corral_requests_total" in types and "corral_gpu_temperature" not in types
+    assert "corral_replicas" in types and types["corral_slot_leases_lost_total"] == "counter"

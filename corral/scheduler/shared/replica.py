@@ -108,6 +108,8 @@ class SharedScheduler(Scheduler):
         self._attempts = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
         self.replicas: dict[str, dict[str, object]] = {}    # as of the last heartbeat
+        self.mismatched: list[str] = []        # replicas with another configuration
+        self._warned: set[tuple[str, str]] = set()
         self._background: set[asyncio.Task[None]] = set()
 
     def job_id(self, job: Job) -> str:
@@ -462,6 +464,7 @@ class SharedScheduler(Scheduler):
                 self.replicas = {r: decode_info(raw)
                                  for r, raw in (await self.store.replicas()).items()}
                 self.replicas.setdefault(self.replica, {})
+                self._compare_configs()
                 await self._elect()
                 now = self.clock()
                 if now - last_renew >= renew_every:
@@ -474,6 +477,21 @@ class SharedScheduler(Scheduler):
                     await self.leader.stop()     # a new one is elected once it is back
                     self.leader = None
             await asyncio.sleep(min(self.leader_ms / 3000, 1.0))
+
+    def _compare_configs(self) -> None:
+        """Replicas on one store must run one configuration, or they do not enforce
+        one set of limits and slots: say so loudly, once per replica and version."""
+        mine = decode_info(self.info()).get("config")
+        others = {r: info.get("config") for r, info in self.replicas.items()
+                  if r != self.replica and info.get("config")}
+        self.mismatched = sorted(r for r, c in others.items() if c != mine)
+        for r in self.mismatched:
+            seen = (r, str(others[r]))
+            if seen not in self._warned:
+                self._warned.add(seen)
+                log.error("replica %s runs another configuration than this one (%s vs "
+                          "%s: backends, limits, tiers or keys differ): replicas on one "
+                          "state store must share one configuration", r, others[r], mine)
 
     async def _elect(self) -> None:
         leading, who = await self.store.lead(self.replica, self.leader_ms)
@@ -511,6 +529,8 @@ class SharedScheduler(Scheduler):
                 "leases_lost": self.leases_lost, "lease_s": self.lease_ms / 1000,
                 "store": "unavailable" if self.outage else "ok", "outages": self.outages,
                 "alone": self.local, "on_store_error": self.on_store_error,
+                "config": decode_info(self.info()).get("config"),
+                "config_mismatch": self.mismatched,
                 "replicas": [{"id": r, **info} for r, info in sorted(self.replicas.items())]}
 
 
