@@ -393,3 +393,38 @@ def scheduler_command(names: tuple[str, ...], no_nginx: bool, output: Path | Non
                       lambda tmp, progress: scheduler.run(chosen, use_nginx, tmp, progress))
     scheduler.render(console, result)
     _save(console, result, output or _dated_output("scheduler"))
+
+
+@bench_command.command("replicas")
+@click.option("--requests", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Sequential requests per target per round.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--duration", type=click.FloatRange(min=0.5), default=5.0, show_default=True,
+              help="Measured seconds per throughput run.")
+@click.option("--concurrency", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Requests in flight in the throughput and cap legs.")
+@click.option("--cap", type=click.IntRange(min=1), default=8, show_default=True,
+              help="The backend's slots in the cap leg.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Where to write the JSON result [default: "
+                   "benchmarks/results/replicas-<date>.json].")
+def replicas_command(requests: int, rounds: int, duration: float, concurrency: int, cap: int,
+                     output: Path | None) -> None:
+    """What shared state costs: 1 replica in memory, 1 on Redis, 2 on Redis.
+
+    Added p50 latency against state: memory and the Redis commands per request
+    (uncontended), throughput with slots to spare, and — with more requests in flight
+    than the backend has slots — the most the backend ever ran at once, which must
+    never exceed its slots across replicas (two in-memory replicas show why).
+    """
+    from corral.bench import replicas
+
+    console = Console(stderr=False)
+    if console.width < 110:
+        console = Console(stderr=False, width=110)
+    opts = replicas.Options(requests=requests, rounds=rounds, duration=duration,
+                            concurrency=concurrency, cap=cap)
+    result = _execute(console, "replicas",
+                      lambda tmp, progress: replicas.run(opts, tmp, progress))
+    replicas.render(console, result)
+    _save(console, result, output or _dated_output("replicas"))

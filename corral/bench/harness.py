@@ -213,14 +213,17 @@ def simulator(
 
 
 def corral(
-    workdir: Path, backend: Target, *, max_concurrency: int, name: str = "corral"
+    workdir: Path, backend: Target, *, max_concurrency: int, name: str = "corral",
+    state: str = "memory",
 ) -> contextlib.AbstractAsyncContextManager[Target]:
     """Corral with one backend whose slot cap equals the stand-in's parallelism, so
     Corral never queues what the backend could take; the queue bounds are wide enough
-    that no benchmark request is refused."""
+    that no benchmark request is refused. ``state``: memory, or a Redis URL that
+    several such processes share."""
     port = free_port()
     config = {
         "listen": f"127.0.0.1:{port}",
+        "state": state,
         "backends": [{"url": backend.url, "name": "b0", "max_concurrency": max_concurrency}],
         "access_log": "off",
         "queue": {"max_depth": 100000, "max_wait": "600s"},
@@ -231,6 +234,36 @@ def corral(
     argv = [sys.executable, "-m", "corral.cli", "serve", "--config", str(path),
             "--log-level", "warning"]
     return spawn(name, argv, port, workdir)
+
+
+@contextlib.asynccontextmanager
+async def redis_server(workdir: Path, name: str = "redis") -> AsyncIterator[Target]:
+    """A redis-server of the benchmark's own on a free port, without persistence."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise TargetError("redis-server is not installed")
+    port = free_port()
+    log = workdir / f"{name}.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", stdin=asyncio.subprocess.DEVNULL, stdout=out,
+            stderr=asyncio.subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    target = Target(name, port, proc, log)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            target.check_alive()
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            if time.monotonic() > deadline:
+                raise TargetError(f"redis-server not ready; log tail:\n{target.log_tail()}")
+            await asyncio.sleep(0.05)
+        yield target
+    finally:
+        await asyncio.shield(_stop(proc))
 
 
 def nginx_binary() -> str | None:
