@@ -217,3 +217,41 @@ async def test_adopted_leases_count_whatever_the_cap(slots: SlotStore) -> None:
     assert await slots.counts(["a"]) == ([3], 0)
     assert (await slots.acquire([("a", 1)], "l2", TTL, "j2", None)).index is None
     assert (await slots.release("a", "ran-alone-1", "x")).released
+
+
+async def test_releases_of_one_moment_go_back_together(slots: SlotStore) -> None:
+    from corral.scheduler.shared.store import Release
+
+    for i in range(3):
+        await slots.acquire([("a", 3)], f"l{i}", TTL, f"j{i}", None)
+    out = await slots.release_many([Release("a", "l0", "j0"), Release("a", "nope", "jx"),
+                                    Release("a", "l2", "j2", "alice", 4.0)])
+    assert [(r.released, r.used) for r in out] == [(True, 2), (False, 2), (True, 1)]
+    assert await slots.charges() == {"alice": 4.0}
+
+
+async def test_acquisitions_and_releases_of_one_moment_run_in_order(slots: SlotStore) -> None:
+    from corral.scheduler.shared.store import Acquisition, Release, Released
+
+    await slots.acquire([("a", 1)], "l1", TTL, "j1", None)
+    out = await slots.run([
+        Acquisition([("a", 1)], "l2", TTL, "j2", None),           # full: not taken
+        Release("a", "l1", "j1"),                                 # frees it ...
+        Acquisition([("a", 1)], "l3", TTL, "j3", None, "bob", 2.0),  # ... for this one
+    ])
+    assert out == [Taken(None, 0), Released(True, 0, 0), Taken(0, 1)]
+    assert await slots.charges() == {"bob": 2.0}
+
+
+async def test_the_grants_of_one_pass_go_together(slots: SlotStore) -> None:
+    from corral.scheduler.shared.store import GrantCall
+
+    await slots.acquire([("a", 1)], "busy", TTL, "j0", None)
+    for i in (1, 2, 3):
+        await slots.acquire([("a", 1)], f"w{i}", TTL, f"j{i}", b"{}")
+    await slots.release("a", "busy", "j0")
+    out = await slots.grant_many([GrantCall("j1", "a", 1, "g1", TTL, "r1"),
+                                  GrantCall("j2", "a", 1, "g2", TTL, "r1"),
+                                  GrantCall("jx", "a", 1, "gx", TTL, "r1")])
+    assert out == [(1, 1), (-1, 1), (0, -1)]
+    assert sorted(await slots.waiting()) == ["j2", "j3"]

@@ -28,7 +28,7 @@ import orjson
 from corral.backends.backend import Backend
 from corral.scheduler.placement import Action, Placement
 from corral.scheduler.queues import Job, JobQueue, Priority
-from corral.scheduler.shared.store import SlotStore, SlotStoreError
+from corral.scheduler.shared.store import GrantCall, SlotStore, SlotStoreError
 from corral.scheduler.slots import Scheduler, _Waiter
 
 if TYPE_CHECKING:
@@ -224,37 +224,41 @@ class Leader:
             return
         self._grants = []
         self.dispatcher.dispatch()
-        retry = False
-        for job, backend, placement in self._grants:
-            retry |= await self._make_grant(job, backend, placement)
-        if retry:
+        if self._grants and await self._make_grants(self._grants):
             self.kick()
 
     def _grant_later(self, job: Job, backend: Backend, placement: str) -> None:
         self._grants.append((job, backend, placement))
 
-    async def _make_grant(self, job: Job, backend: Backend, placement: str) -> bool:
-        """True when the job must be placed again (its slot was taken meanwhile)."""
-        job_id = self._ids.get(job.seq)
-        if job_id is None:
+    async def _make_grants(self, grants: list[tuple[Job, Backend, str]]) -> bool:
+        """All the grants of a pass in one round trip. True when some job must be
+        placed again (its slot was taken meanwhile)."""
+        calls, made = [], []
+        for job, backend, placement in grants:
+            job_id = self._ids.get(job.seq)
+            if job_id is None:
+                continue
+            self.grants_made += 1
+            calls.append(GrantCall(job_id, backend.name, backend.max_concurrency,
+                                   f"{job_id}.g{self.grants_made}", self.owner.lease_ms,
+                                   self._replica[job_id], placement, job.model, job.ctx))
+            made.append((job_id, job, backend))
+        if not calls:
             return False
-        replica = self._replica[job_id]
-        self.grants_made += 1
-        lease = f"{job_id}.g{self.grants_made}"
-        outcome, used = await self.store.grant(job_id, backend.name, backend.max_concurrency,
-                                               lease, self.owner.lease_ms, replica,
-                                               placement, job.model, job.ctx)
-        if outcome == 1:
-            backend.in_flight = used
-            self._forget_granted(job_id, job)
-            return False
-        if outcome == 0:                # it left the queue meanwhile
-            backend.in_flight = max(0, backend.in_flight - 1)
-            self._forget_granted(job_id, job)
-            return False
-        backend.in_flight = used        # full after all: back to the front of its class
-        self.dispatcher.enqueue(job, front=True)
-        return True
+        retry = False
+        for (job_id, job, backend), (outcome, used) in zip(
+                made, await self.store.grant_many(calls), strict=True):
+            if outcome == 1:
+                backend.in_flight = used
+                self._forget_granted(job_id, job)
+            elif outcome == 0:              # it left the queue meanwhile
+                backend.in_flight = max(0, backend.in_flight - 1)
+                self._forget_granted(job_id, job)
+            else:                           # full after all: back to the front
+                backend.in_flight = used
+                self.dispatcher.enqueue(job, front=True)
+                retry = True
+        return retry
 
     def _forget_granted(self, job_id: str, job: Job) -> None:
         self.jobs.pop(job_id, None)

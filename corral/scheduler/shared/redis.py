@@ -28,13 +28,16 @@ from redis.asyncio import from_url as redis_from_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from corral.scheduler.shared.store import (
     FLEET,
     LEADER,
+    Acquisition,
     Cancelled,
     Grant,
+    GrantCall,
+    Release,
     Released,
     SlotStoreError,
     Taken,
@@ -90,6 +93,9 @@ class RedisSlotStore:
     def channel(self, name: str) -> str:
         return self._prefix + name
 
+    def _now(self) -> str:
+        return "" if self._clock is None else str(self._clock())
+
     def _lease_key(self, backend: str) -> str:
         return f"{self._prefix}lease:{backend}"
 
@@ -97,8 +103,7 @@ class RedisSlotStore:
                    args: Sequence[str | int | bytes]) -> Any:
         keys = self._fixed + [self._lease_key(b) for b in backends]
         try:
-            now = "" if self._clock is None else str(self._clock())
-            return await self._script(keys=keys, args=[now, op, *args])
+            return await self._script(keys=keys, args=[self._now(), op, *args])
         except (RedisError, OSError) as exc:
             raise SlotStoreError(f"slot store ({op}): {exc}") from exc
 
@@ -119,6 +124,38 @@ class RedisSlotStore:
                                repr(float(correction))])
         return Released(bool(int(out[0])), int(out[1]), int(out[2]))
 
+    async def release_many(self, releases: Sequence[Release]) -> list[Released]:
+        return [r for r in await self.run(releases) if isinstance(r, Released)]
+
+    async def run(self, ops: Sequence[Acquisition | Release]) -> list[Taken | Released]:
+        """One pipeline, in order: Redis runs them one after another as given."""
+        if len(ops) == 1:
+            op = ops[0]
+            if isinstance(op, Release):
+                return [await self.release(op.backend, op.lease, op.job_id, op.client,
+                                           op.correction)]
+            return [await self.acquire(op.backends, op.lease, op.ttl_ms, op.job_id,
+                                       op.descriptor, op.client, op.charge)]
+        out = await self._pipeline("batch", [self._call(op) for op in ops])
+        results: list[Taken | Released] = []
+        for op, o in zip(ops, out, strict=True):
+            if isinstance(op, Release):
+                results.append(Released(bool(int(o[0])), int(o[1]), int(o[2])))
+            else:
+                index = int(o[0])
+                results.append(Taken(index - 1 if index > 0 else None, int(o[1])))
+        return results
+
+    def _call(self, op: Acquisition | Release) -> tuple[list[str], list[str | int | bytes]]:
+        if isinstance(op, Release):
+            return ([*self._fixed, self._lease_key(op.backend)],
+                    [self._now(), "release", op.lease, op.job_id, self.channel(LEADER),
+                     op.backend, op.client, repr(float(op.correction))])
+        return ([*self._fixed, *(self._lease_key(b) for b, _ in op.backends)],
+                [self._now(), "acquire", op.lease, op.ttl_ms, op.job_id,
+                 op.descriptor or b"", self.channel(LEADER), op.client,
+                 repr(float(op.charge)), *(cap for _, cap in op.backends)])
+
     async def grant(self, job_id: str, backend: str, cap: int, lease: str, ttl_ms: int,
                     replica: str, placement: str = "resident", model: str = "",
                     ctx: int | None = None) -> tuple[int, int]:
@@ -127,6 +164,39 @@ class RedisSlotStore:
                                self.channel(replica_channel(replica)), backend, placement,
                                self.channel(FLEET), model, "" if ctx is None else ctx])
         return int(out[0]), int(out[1])
+
+    async def grant_many(self, grants: Sequence[GrantCall]) -> list[tuple[int, int]]:
+        """The grants of one leader's pass, in one round trip."""
+        if len(grants) == 1:
+            g = grants[0]
+            return [await self.grant(g.job_id, g.backend, g.cap, g.lease, g.ttl_ms,
+                                     g.replica, g.placement, g.model, g.ctx)]
+        calls: list[tuple[list[str], list[str | int | bytes]]] = [
+                 ([*self._fixed, self._lease_key(g.backend)],
+                  [self._now(), "grant", g.job_id, g.lease, g.ttl_ms, g.cap,
+                   self.channel(replica_channel(g.replica)), g.backend, g.placement,
+                   self.channel(FLEET), g.model, "" if g.ctx is None else g.ctx])
+                 for g in grants]
+        out = await self._pipeline("grant", calls)
+        return [(int(o[0]), int(o[1])) for o in out]
+
+    async def _pipeline(self, what: str,
+                        calls: Sequence[tuple[list[str], list[str | int | bytes]]]) -> list[Any]:
+        sha = self._script.sha
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+                try:
+                    return list(await pipe.execute())
+                except NoScriptError:
+                    # The server lost the script (a restart): load it, then once more.
+                    await self._client.script_load(self._script.script)
+                    for keys, args in calls:
+                        pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+                    return list(await pipe.execute())
+        except (RedisError, OSError) as exc:
+            raise SlotStoreError(f"slot store ({what}): {exc}") from exc
 
     async def job(self, job_id: str) -> bytes | None:
         out = await self._run("job", [], [job_id])

@@ -37,9 +37,13 @@ from corral.scheduler.shared.leader import Leader, describe
 from corral.scheduler.shared.store import (
     FLEET,
     LEADER,
+    Acquisition,
     Grant,
+    Release,
+    Released,
     SlotStore,
     SlotStoreError,
+    Taken,
     replica_channel,
 )
 from corral.scheduler.slots import (
@@ -111,6 +115,8 @@ class SharedScheduler(Scheduler):
         self.mismatched: list[str] = []        # replicas with another configuration
         self._warned: set[tuple[str, str]] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._ops: list[tuple[Acquisition | Release, asyncio.Future[Taken | Released]]] = []
+        self._send_scheduled = False
 
     def job_id(self, job: Job) -> str:
         return f"{self.replica}.{job.seq}"
@@ -133,7 +139,8 @@ class SharedScheduler(Scheduler):
             self.leader = None
             with contextlib.suppress(SlotStoreError):
                 await self.store.resign(self.replica)
-        for task in list(self._background):
+        pending: list[asyncio.Task[None]] = list(self._background)
+        for task in pending:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 2.0)
 
@@ -180,10 +187,14 @@ class SharedScheduler(Scheduler):
         lease = f"{job_id}.{next(self._attempts)}"
         charge = job.cost / job.weight if self.queue.fairness != "fifo" else 0.0
         try:
-            taken = await self.store.acquire(
+            # Batched with the other slot operations of this moment, in order: the
+            # slots this replica freed just before are free in the store first (or
+            # a keep-alive client's next request would queue behind its previous one).
+            taken = await self._batch(Acquisition(
                 [(b.name, b.max_concurrency) for b in candidates], lease, self.lease_ms,
                 job_id, describe(job, self.replica, front, int(time.time() * 1000)),
-                job.client, charge)
+                job.client, charge))
+            assert isinstance(taken, Taken)
         except SlotStoreError as exc:
             raise StoreUnavailable(f"the shared slot store cannot be reached: {exc}",
                                    retry_after=1) from None
@@ -347,8 +358,52 @@ class SharedScheduler(Scheduler):
 
     def _give_back_later(self, backend: str, lease: str, job_id: str, client: str,
                          correction: float) -> None:
-        # Off the request's path: its client has its answer already.
-        self._spawn(self._give_back(backend, lease, job_id, client, correction))
+        """Off the request's path: its client has its answer already."""
+        done = self._submit(Release(backend, lease, job_id, client, correction))
+        done.add_done_callback(lambda f: self._released_later(backend, f))
+
+    def _released_later(self, backend: str, future: asyncio.Future[Taken | Released]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            log.debug("release on %s not recorded (%s): its lease lapses", backend, exc)
+            return
+        result = future.result()
+        if isinstance(result, Released):
+            self._released(backend, result)
+
+    def _submit(self, op: Acquisition | Release) -> asyncio.Future[Taken | Released]:
+        """Slot operations of one moment go to the store together, in the order they
+        came, in one round trip: the first of a moment schedules a send, and every
+        operation queued before that send runs joins it. Several sends may be out at
+        once; each is written when it starts, so a release is written before any
+        acquisition that came after it."""
+        future: asyncio.Future[Taken | Released] = asyncio.get_running_loop().create_future()
+        self._ops.append((op, future))
+        if not self._send_scheduled:
+            self._send_scheduled = True
+            self._spawn(self._send())
+        return future
+
+    async def _batch(self, op: Acquisition | Release) -> Taken | Released:
+        return await self._submit(op)
+
+    async def _send(self) -> None:
+        self._send_scheduled = False
+        batch, self._ops = self._ops, []
+        if not batch:
+            return
+        try:
+            results = await self.store.run([op for op, _ in batch])
+        except SlotStoreError as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
 
     async def _give_back(self, backend: str, lease: str, job_id: str, client: str,
                          correction: float) -> None:
@@ -357,6 +412,9 @@ class SharedScheduler(Scheduler):
         except SlotStoreError as exc:
             log.debug("release of %s not recorded (%s): its lease lapses", lease, exc)
             return
+        self._released(backend, done)
+
+    def _released(self, backend: str, done: Released) -> None:
         b = self.fleet.backend(backend)
         if b is not None:
             b.in_flight = done.used
@@ -457,6 +515,7 @@ class SharedScheduler(Scheduler):
         whose message was lost."""
         renew_every = max(self.lease_ms / 3000, 0.1)
         last_renew = -math.inf
+        ticks = 0
         while True:
             try:
                 await self.store.heartbeat(self.replica, self.info(), self.leader_ms)
@@ -471,6 +530,11 @@ class SharedScheduler(Scheduler):
                     last_renew = now
                     await self._renew()
                 await self._recover_grants(1.0)
+                await self._refresh_counts()
+                ticks += 1
+                if self.leader is not None and ticks % 3 == 0:
+                    # Jobs queued through a replica that died wait for nobody.
+                    await self.leader.resync()
             except SlotStoreError as exc:
                 self._store_down(exc)
                 if self.leader is not None:
@@ -492,6 +556,17 @@ class SharedScheduler(Scheduler):
                 log.error("replica %s runs another configuration than this one (%s vs "
                           "%s: backends, limits, tiers or keys differ): replicas on one "
                           "state store must share one configuration", r, others[r], mine)
+
+    async def _refresh_counts(self) -> None:
+        """Each backend's slots in use on all replicas (what status and the choice of
+        the least busy backend read)."""
+        if self.local:
+            return
+        backends = list(self.fleet.backends)
+        counts, waiting = await self.store.counts([b.name for b in backends])
+        for b, n in zip(backends, counts, strict=True):
+            b.in_flight = n
+        self.waiting_total = waiting
 
     async def _elect(self) -> None:
         leading, who = await self.store.lead(self.replica, self.leader_ms)

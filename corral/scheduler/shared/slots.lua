@@ -39,10 +39,18 @@ local function used(key)
   return redis.call('ZCARD', key)
 end
 
+-- The uncontended path's count: lapsed leases matter only when the backend looks
+-- full, so they are cleared then (one command fewer on every free slot).
+local function used_lazily(key, cap)
+  local n = redis.call('ZCARD', key)
+  if n < cap then return n end
+  return used(key)
+end
+
+-- A backend's zset has no TTL of its own: Redis drops it when its last lease is
+-- released, and lapsed leases are cleared by whoever counts them next.
 local function take(key, lease, ttl)
   redis.call('ZADD', key, now + ttl, lease)
-  -- The zset itself goes once its last lease would have lapsed.
-  redis.call('PEXPIRE', key, ttl * 2)
 end
 
 -- acquire: ARGV[3] lease, ARGV[4] ttl ms, ARGV[5] job id, ARGV[6] descriptor ('' =
@@ -56,8 +64,9 @@ if op == 'acquire' then
   local waiting = redis.call('HLEN', WAITING)
   if waiting == 0 then
     for i = FIRST, #KEYS do
-      local n = used(KEYS[i])
-      if n < tonumber(ARGV[i + 10 - FIRST]) then
+      local cap = tonumber(ARGV[i + 10 - FIRST])
+      local n = used_lazily(KEYS[i], cap)
+      if n < cap then
         take(KEYS[i], lease, ttl)
         charge(ARGV[8], ARGV[9])
         return {i - FIRST + 1, n + 1}

@@ -6,7 +6,9 @@ One atomic operation per step of a slot's life, the same on every store:
   that has one; otherwise (or when none is free) queue the job and tell the leader.
   A job never overtakes one that waits, whichever replica it came through.
 - ``release`` — give a slot back; tell the leader when jobs wait. A lease that had
-  lapsed and was taken back is not freed twice (a *late* release).
+  lapsed and was taken back is not freed twice (a *late* release). ``release_many``
+  gives several back in one round trip (the releases of one moment, coalesced), and
+  ``run`` sends acquisitions and releases together, in order, in one round trip.
 - ``grant`` — the leader gives a waiting job a slot; the job's replica is told.
 - ``cancel`` — a job leaves the queue (its client left, it timed out), or learns the
   slot it was granted meanwhile.
@@ -57,6 +59,45 @@ class Taken:
 
 
 @dataclass(frozen=True, slots=True)
+class Acquisition:
+    """One slot to ask for (``acquire``'s arguments)."""
+
+    backends: Sequence[tuple[str, int]]
+    lease: str
+    ttl_ms: int
+    job_id: str
+    descriptor: bytes | None
+    client: str = ""
+    charge: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class GrantCall:
+    """One waiting job to give a slot (``grant``'s arguments)."""
+
+    job_id: str
+    backend: str
+    cap: int
+    lease: str
+    ttl_ms: int
+    replica: str
+    placement: str = "resident"
+    model: str = ""
+    ctx: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """One slot to give back (``release``'s arguments)."""
+
+    backend: str
+    lease: str
+    job_id: str
+    client: str = ""
+    correction: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Released:
     released: bool         # False: the lease had lapsed and the slot was taken back
     used: int
@@ -92,9 +133,15 @@ class SlotStore(Protocol):
     async def release(self, backend: str, lease: str, job_id: str, client: str = "",
                       correction: float = 0.0) -> Released: ...
 
+    async def release_many(self, releases: Sequence[Release]) -> list[Released]: ...
+
+    async def run(self, ops: Sequence[Acquisition | Release]) -> list[Taken | Released]: ...
+
     async def grant(self, job_id: str, backend: str, cap: int, lease: str, ttl_ms: int,
                     replica: str, placement: str = "resident", model: str = "",
                     ctx: int | None = None) -> tuple[int, int]: ...
+
+    async def grant_many(self, grants: Sequence[GrantCall]) -> list[tuple[int, int]]: ...
 
     async def job(self, job_id: str) -> bytes | None: ...
 
@@ -194,6 +241,21 @@ class MemorySlotStore:
             self._bus.publish(LEADER, f"rel {backend}")
         return Released(removed, n, len(self._waiting))
 
+    async def release_many(self, releases: Sequence[Release]) -> list[Released]:
+        return [await self.release(r.backend, r.lease, r.job_id, r.client, r.correction)
+                for r in releases]
+
+    async def run(self, ops: Sequence[Acquisition | Release]) -> list[Taken | Released]:
+        out: list[Taken | Released] = []
+        for op in ops:
+            if isinstance(op, Release):
+                out.append(await self.release(op.backend, op.lease, op.job_id, op.client,
+                                              op.correction))
+            else:
+                out.append(await self.acquire(op.backends, op.lease, op.ttl_ms, op.job_id,
+                                              op.descriptor, op.client, op.charge))
+        return out
+
     async def grant(self, job_id: str, backend: str, cap: int, lease: str, ttl_ms: int,
                     replica: str, placement: str = "resident", model: str = "",
                     ctx: int | None = None) -> tuple[int, int]:
@@ -211,6 +273,10 @@ class MemorySlotStore:
         if placement == "load":
             self._bus.publish(FLEET, f"load {backend} {model} {'' if ctx is None else ctx}")
         return 1, n + 1
+
+    async def grant_many(self, grants: Sequence[GrantCall]) -> list[tuple[int, int]]:
+        return [await self.grant(g.job_id, g.backend, g.cap, g.lease, g.ttl_ms, g.replica,
+                                 g.placement, g.model, g.ctx) for g in grants]
 
     async def job(self, job_id: str) -> bytes | None:
         return self._waiting.get(job_id)
