@@ -43,6 +43,19 @@ def serve(config: Path | None, listen: str | None, log_level: str) -> None:
         logging.getLogger("corral").warning("%s: %s", config or "configuration", warning)
     if listen:
         settings = Settings.model_validate({**settings.model_dump(), "listen": listen})
+    if settings.state != "memory":
+        problem = _redis_problem(settings.state)
+        if problem is not None:
+            if settings.queue.on_store_error == "deny":
+                # Nothing could be served: refuse now rather than answer 503 forever.
+                click.echo(f"corral: {problem}", err=True)
+                click.echo("corral: queue.on_store_error is deny, so Corral does not start "
+                           "without it (allow would carry on with a share of the slots); "
+                           "nothing started", err=True)
+                sys.exit(1)
+            logging.getLogger("corral").warning(
+                "%s; carrying on alone with a share of the slots until it answers "
+                "(queue.on_store_error: allow)", problem)
     from corral.app import serve as serve_app
 
     def ready(url: str) -> None:

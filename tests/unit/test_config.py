@@ -225,3 +225,22 @@ def test_check_says_when_the_state_store_cannot_be_reached(tmp_path: Any) -> Non
     assert (f"warning: state: Redis at redis://***@127.0.0.1:{port}/0 cannot be reached now"
             in done.output)
     assert "pw@" not in done.output
+
+
+def test_serve_refuses_an_unreachable_state_store_unless_told_to_carry_on(
+        tmp_path: Any) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:            # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    deny = tmp_path / "deny.yaml"
+    deny.write_text(f"listen: 127.0.0.1:1\nstate: 'redis://127.0.0.1:{port}/0'\n"
+                    "queue: {on_store_error: deny}\n")
+    done = subprocess.run([sys.executable, "-m", "corral", "serve", "-c", str(deny)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert f"Redis at redis://127.0.0.1:{port}/0 cannot be reached" in done.stderr
+    assert "nothing started" in done.stderr
