@@ -230,3 +230,52 @@ async def test_replicas_with_another_configuration_are_named_loudly(
     async with aiohttp.ClientSession() as s, s.get(a.url + "/metrics") as r:
         assert "corral_replica_config_mismatch 1.0" in await r.text()
     assert len(ids) == 3
+
+
+def _tls_redis(tmp_path: Any, password: str) -> tuple[subprocess.Popen[bytes], int, Any]:
+    """A redis-server that speaks only TLS and wants a password; its CA certificate."""
+    import shutil
+
+    from tests.integration.conftest import free_port
+
+    openssl = shutil.which("openssl")
+    assert openssl is not None, "openssl is needed to make the test's certificates"
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=tmp_path, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+        "ca.crt", "-days", "2", "-subj", "/CN=corral-test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+        "server.csr", "-subj", "/CN=127.0.0.1")
+    (tmp_path / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")
+    port = free_port()
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", "0", "--tls-port",
+         str(port), "--tls-cert-file", "server.crt", "--tls-key-file", "server.key",
+         "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no", "--requirepass",
+         password, "--save", "", "--appendonly", "no"], cwd=tmp_path,
+        stdout=(tmp_path / "redis-tls.log").open("wb"), stderr=subprocess.STDOUT)
+    time.sleep(0.5)
+    return proc, port, tmp_path / "ca.crt"
+
+
+async def test_replicas_on_a_redis_with_a_password_over_tls(
+        start_sim: Any, start_corral: Any, tmp_path: Any) -> None:
+    proc, port, ca = _tls_redis(tmp_path, "s3cret")
+    try:
+        url = f"rediss://:s3cret@127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+        sim = start_sim("--models", M1, "--loaded", M1, "--parallel", "4", "--tps", "200")
+        gws = replicas(start_corral, url, [sim], 2, slots=1)
+        async with aiohttp.ClientSession() as s:
+            answers = await asyncio.gather(*(generate(s, gws[i % 2], 20) for i in range(8)))
+        assert all(a["_status"] == 200 for a in answers)
+        assert sim.stats()["max_in_flight"] == 1
+        assert all(g.status()["shared"]["store"] == "ok" for g in gws)
+        # The password never shows: not in the status, not in the log.
+        assert "s3cret" not in str(gws[0].status()) and "s3cret" not in gws[0].log.read_text()
+    finally:
+        proc.kill()
+        proc.wait()
