@@ -103,7 +103,8 @@ class Gateway:
             return orjson.dumps({"address": address, "version": __version__,
                                  "started": round(self.started, 3), "pid": os.getpid(),
                                  "seen": round(time.time(), 3),
-                                 "config": fingerprint(self.settings)})
+                                 "config": fingerprint(self.settings),
+                                 "knowledge": self.fleet.shareable(time.monotonic())})
 
         return SharedScheduler(self.fleet, self.router, self.queue, q.max_depth, q.max_wait,
                                RedisSlotStore.from_url(settings.state), replica,

@@ -84,6 +84,10 @@ class Fleet:
         self.backends: list[Backend] = []
         self._held: dict[int, Holding] = {}
         self.models: dict[str, ModelStats] = {}
+        # Learned by the other replicas on the state store (empty for one process).
+        self._remote_rates: dict[str, float] = {}
+        self._remote_service: dict[str, tuple[float, int]] = {}
+        self._remote_loads: dict[tuple[str, str], float] = {}
         self.set_backends(backends, max_models or {})
 
     # -- the backends ----------------------------------------------------------------
@@ -226,15 +230,71 @@ class Fleet:
 
     def load_time(self, b: Backend, model: str) -> float:
         e = self._held[id(b)].load_times.get(model)
-        return self.default_load_time if e is None else e.get(self.default_load_time)
+        if e is not None and e.value is not None:
+            return e.value
+        # Measured by another replica (several replicas on one state store).
+        return self._remote_loads.get((b.name, model), self.default_load_time)
 
     def service_time(self, model: str) -> float:
         stats = self.models.get(model)
-        return DEFAULT_SERVICE_S if stats is None else stats.service.get(DEFAULT_SERVICE_S)
+        own = stats.service if stats is not None else None
+        remote = self._remote_service.get(model)
+        if remote is None:
+            return DEFAULT_SERVICE_S if own is None else own.get(DEFAULT_SERVICE_S)
+        if own is None or own.value is None:
+            return remote[0]
+        # Both: weighted by how many requests each has seen.
+        total = own.samples + remote[1]
+        return (own.value * own.samples + remote[0] * remote[1]) / total
 
     def demand(self, model: str, now: float) -> float:
         stats = self.models.get(model)
-        return 0.0 if stats is None else stats.arrivals.rate(now)
+        own = 0.0 if stats is None else stats.arrivals.rate(now)
+        return own + self._remote_rates.get(model, 0.0)
+
+    # -- several replicas: what each learned, shared ------------------------------
+
+    def shareable(self, now: float) -> dict[str, object]:
+        """What this replica learned, for the others: per model its demand here and
+        its service time (with the number of requests behind it); per backend the
+        load times measured."""
+        models = {name: [round(st.arrivals.rate(now), 4),
+                         None if st.service.value is None else round(st.service.value, 4),
+                         st.service.samples]
+                  for name, st in self.models.items()}
+        loads = {b.name: {m: round(e.value, 3) for m, e in self._held[id(b)].load_times.items()
+                          if e.value is not None}
+                 for b in self.backends}
+        return {"models": models, "loads": {b: per for b, per in loads.items() if per}}
+
+    def adopt_remote(self, snapshots: Iterable[dict[str, object]]) -> None:
+        """What the other replicas learned (their ``shareable``): demand adds up,
+        service times are weighed by their requests, load times fill in the ones
+        not measured here."""
+        rates: dict[str, float] = {}
+        service: dict[str, tuple[float, int]] = {}
+        loads: dict[tuple[str, str], list[float]] = {}
+        for snap in snapshots:
+            models = snap.get("models")
+            if isinstance(models, dict):
+                for name, figures in models.items():
+                    if not isinstance(figures, list) or len(figures) != 3:
+                        continue
+                    rate, value, samples = figures
+                    rates[name] = rates.get(name, 0.0) + float(rate or 0.0)
+                    if value is not None and samples:
+                        v, n = service.get(name, (0.0, 0))
+                        service[name] = ((v * n + float(value) * int(samples))
+                                         / (n + int(samples)), n + int(samples))
+            by_backend = snap.get("loads")
+            if isinstance(by_backend, dict):
+                for backend, per_model in by_backend.items():
+                    if isinstance(per_model, dict):
+                        for model, seconds in per_model.items():
+                            loads.setdefault((backend, model), []).append(float(seconds))
+        self._remote_rates = rates
+        self._remote_service = service
+        self._remote_loads = {k: sum(v) / len(v) for k, v in loads.items()}
 
     def resident_slots(self, model: str, ctx: int | None, now: float,
                        exclude: frozenset[str] = frozenset()) -> int:
@@ -387,7 +447,8 @@ class Fleet:
                     "model": r.model, "state": "loading" if r.loading else "ready",
                     "context_length": r.ctx, "running": r.running,
                     "load_time_s": round(self.load_time(b, r.model), 3),
-                    "load_time_learned": r.model in h.load_times,
+                    "load_time_learned": r.model in h.load_times
+                    or (b.name, r.model) in self._remote_loads,
                     "resident_for_s": round(max(now - r.loaded_at, 0.0), 1),
                 } for r in sorted(h.runners.values(), key=lambda r: r.model)],
                 "load_times_s": {m: round(e.get(self.default_load_time), 3)

@@ -132,3 +132,28 @@ def test_a_load_that_never_finished_is_forgotten_once_overdue() -> None:
     assert fleet.runner(b, M2) is not None
     fleet.observe_ps(b, [], now=14.5)                         # a load time past due
     assert fleet.runner(b, M2) is None and b.loaded == frozenset()
+
+
+def test_replicas_share_what_they_learn() -> None:
+    def fleet() -> tuple[Fleet, Backend]:
+        b = Backend("gpu0", "http://x:1", 2, models=frozenset({M1, M2}))
+        return Fleet([b], 10.0), b
+
+    a, a0 = fleet()
+    for t in range(30):
+        a.on_arrival(M1, float(t) / 10)                 # 10 a second here
+    a.on_complete(a0, M2, held_s=4.0, load_s=3.0, loaded=True, tokens_out=5, eval_s=0.5)
+    for _ in range(4):
+        a.on_complete(a0, M1, held_s=0.5, load_s=0.0, loaded=False, tokens_out=5, eval_s=0.4)
+    b, b0 = fleet()
+    b.on_complete(b0, M1, held_s=1.5, load_s=0.0, loaded=False, tokens_out=5, eval_s=0.4)
+    assert b.load_time(b0, M2) == 10.0 and b.demand(M1, 3.0) == 0.0
+    b.adopt_remote([a.shareable(3.0)])
+    assert b.load_time(b0, M2) == pytest.approx(3.0)          # measured over there
+    assert b.demand(M1, 3.0) == pytest.approx(a.demand(M1, 3.0), rel=1e-3)
+    # Service time: its own one request and the other's four, weighed by count.
+    own, other = b.model(M1).service.value, a.model(M1).service.value
+    assert b.service_time(M1) == pytest.approx((own * 1 + other * 4) / 5, rel=1e-3)
+    # Malformed snapshots are ignored, never a crash.
+    b.adopt_remote([{"models": {M1: "x"}, "loads": {"gpu0": "y"}}])
+    assert b.load_time(b0, M2) == 10.0

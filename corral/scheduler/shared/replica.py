@@ -524,6 +524,9 @@ class SharedScheduler(Scheduler):
                                  for r, raw in (await self.store.replicas()).items()}
                 self.replicas.setdefault(self.replica, {})
                 self._compare_configs()
+                self.fleet.adopt_remote(
+                    k for r, info in self.replicas.items()
+                    if r != self.replica and isinstance(k := info.get("knowledge"), dict))
                 await self._elect()
                 now = self.clock()
                 if now - last_renew >= renew_every:
@@ -606,7 +609,8 @@ class SharedScheduler(Scheduler):
                 "alone": self.local, "on_store_error": self.on_store_error,
                 "config": decode_info(self.info()).get("config"),
                 "config_mismatch": self.mismatched,
-                "replicas": [{"id": r, **info} for r, info in sorted(self.replicas.items())]}
+                "replicas": [{"id": r, **{k: v for k, v in info.items() if k != "knowledge"}}
+                             for r, info in sorted(self.replicas.items())]}
 
 
 def decode_info(raw: bytes) -> dict[str, object]:
