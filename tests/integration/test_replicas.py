@@ -279,3 +279,38 @@ async def test_replicas_on_a_redis_with_a_password_over_tls(
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_a_late_release_after_a_pause_is_ignored_and_logged(
+        start_sim: Any, start_corral: Any, start_redis: Any) -> None:
+    """A replica paused longer than the lease (SIGSTOP) loses its slot to another; when
+    it wakes up, its release must not free the slot the other one now holds."""
+    import signal
+
+    redis = start_redis()
+    sim = start_sim("--models", M1, "--loaded", M1, "--parallel", "4", "--tps", "100")
+    a, b = replicas(start_corral, redis.url, [sim], 2, slots=1,
+                    **{"queue": {"max_wait": "60s", "slot_lease": "1s"}})
+    async with aiohttp.ClientSession() as s:
+        paused = asyncio.create_task(generate(s, a, 150, "sk-hog"))        # 1.5 s
+        for _ in range(100):
+            if sim.stats()["in_flight"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        a.proc.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(1.6)          # A's lease lapses: B may take the slot
+        taker = asyncio.create_task(generate(s, b, 300, "sk-light"))       # 3 s
+        await asyncio.sleep(0.3)
+        a.proc.send_signal(signal.SIGCONT)
+        first = await paused              # A's request ends; its release is late
+        await asyncio.sleep(0.5)
+        third = asyncio.create_task(generate(s, a, 5, "sk-alice"))
+        await asyncio.sleep(0.5)
+        assert not third.done()           # B's slot was not freed by A's late release
+        second = await taker
+        done = await third
+    assert first["_status"] == second["_status"] == done["_status"] == 200
+    assert done["_done_at"] > second["_done_at"]
+    log = a.log.read_text()
+    assert "late release of a slot on b0 ignored" in log
+    assert a.status()["shared"]["late_releases"] >= 1
