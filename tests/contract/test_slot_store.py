@@ -255,3 +255,20 @@ async def test_the_grants_of_one_pass_go_together(slots: SlotStore) -> None:
                                   GrantCall("jx", "a", 1, "gx", TTL, "r1")])
     assert out == [(1, 1), (-1, 1), (0, -1)]
     assert sorted(await slots.waiting()) == ["j2", "j3"]
+
+
+async def test_preemptible_requests_are_known_while_they_run(slots: SlotStore) -> None:
+    from corral.scheduler.shared.store import GrantCall
+
+    replica = await listen(slots, replica_channel("r2"))
+    await slots.acquire([("a", 1)], "low1", TTL, "j1", None, stoppable="r1|2|...")
+    await slots.acquire([("a", 1)], "w", TTL, "j2", b"{}")
+    await slots.acquire([("b", 1)], "p", TTL, "j3", None)          # queued: not registered
+    await slots.release("a", "low1", "j1")
+    assert await slots.stoppable() == {}
+    await slots.grant_many([GrantCall("j2", "a", 1, "low2", TTL, "r2",
+                                      stoppable="r2|2|...")])
+    assert await slots.stoppable() == {"low2": ("a", "r2|2|...")}
+    await slots.tell("r2", "preempt low2")
+    assert await replica.wait_for(2) == ["grant j2 a low2 resident", "preempt low2"]
+    await replica.stop()

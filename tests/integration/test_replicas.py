@@ -314,3 +314,24 @@ async def test_a_late_release_after_a_pause_is_ignored_and_logged(
     log = a.log.read_text()
     assert "late release of a slot on b0 ignored" in log
     assert a.status()["shared"]["late_releases"] >= 1
+
+
+async def test_a_person_on_one_replica_preempts_batch_work_running_on_another(
+        start_sim: Any, start_corral: Any, start_redis: Any) -> None:
+    redis = start_redis()
+    sim = start_sim("--models", M1, "--loaded", M1, "--parallel", "1", "--tps", "100")
+    a, b = replicas(start_corral, redis.url, [sim], 2, slots=1)
+    async with aiohttp.ClientSession() as s:
+        batch = asyncio.create_task(generate(s, a, 200, "sk-nightly"))   # 2 s, not streamed
+        for _ in range(100):
+            if sim.stats()["in_flight"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        person = await generate(s, b, 10, "sk-alice")
+        done = await batch
+    assert person["_status"] == done["_status"] == 200
+    assert person["_done_at"] < done["_done_at"]
+    assert done["done"] is True and done["eval_count"] == 200       # a whole answer
+    [run] = [r for r in a.records() if r.get("client_name") == "nightly"]
+    assert run["preemptions"] == 1
+    assert sim.stats()["cancelled"] == 1 and sim.stats()["max_in_flight"] == 1

@@ -20,7 +20,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import orjson
@@ -44,7 +46,34 @@ def describe(job: Job, replica: str, front: bool, at_ms: int) -> bytes:
         "priority": int(job.priority), "client": job.client, "weight": job.weight,
         "cost": job.cost, "exclude": sorted(job.exclude), "affinity": job.affinity,
         "front": front, "preemptible": job.preemptible, "tier": job.tier, "at": at_ms,
+        "preemptions": job.preemptions,
     })
+
+
+def stoppable_text(job: Job, replica: str, dispatched_ms: int) -> str:
+    """What the leader needs to stop a running preemptible request (with its backend
+    in front, added by the store): whose it is, its class, when it started, how often
+    it was stopped already, and its model."""
+    return (f"{replica}|{int(job.priority)}|{dispatched_ms}|{job.preemptions}|"
+            f"{'' if job.ctx is None else job.ctx}|{job.model}")
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteRun:
+    lease: str
+    backend: str
+    replica: str
+    priority: Priority
+    dispatched_ms: int
+    preemptions: int
+
+    @classmethod
+    def parse(cls, lease: str, backend: str, text: str) -> RemoteRun | None:
+        parts = text.split("|", 5)
+        if len(parts) != 6 or not all(p.isdigit() for p in parts[1:4]):
+            return None
+        return cls(lease, backend, parts[0], Priority(int(parts[1])), int(parts[2]),
+                   int(parts[3]))
 
 
 def rebuild(descriptor: bytes) -> tuple[Job, str, bool]:
@@ -53,7 +82,7 @@ def rebuild(descriptor: bytes) -> tuple[Job, str, bool]:
     job = Job(model=d["model"], client=d["client"], priority=Priority(d["priority"]),
               weight=d["weight"], cost=d["cost"], exclude=frozenset(d["exclude"]),
               affinity=d["affinity"], ctx=d["ctx"], preemptible=d["preemptible"],
-              tier=d["tier"])
+              tier=d["tier"], preemptions=int(d.get("preemptions", 0)))
     return job, d["replica"], bool(d["front"])
 
 
@@ -62,11 +91,55 @@ class RemoteDispatcher(Scheduler):
     handed to the leader as a grant to make, instead of waking a local waiter."""
 
     def __init__(self, owner: SharedScheduler, queue: JobQueue,
-                 on_grant: Callable[[Job, Backend, str], None], kick: Callable[[], None]) -> None:
+                 on_grant: Callable[[Job, Backend, str], None], kick: Callable[[], None],
+                 on_stop: Callable[[RemoteRun], None]) -> None:
         super().__init__(owner.fleet, owner.router, queue, 10**9, math.inf, owner.clock,
                          owner.max_preemptions)
         self._on_grant = on_grant
         self._kick = kick
+        self._on_stop = on_stop
+        self.remote: dict[int, RemoteRun] = {}      # placeholder seq -> a run to stop
+        self._stopping: dict[str, float] = {}       # lease -> when it was asked to stop
+
+    def running(self, runs: dict[str, tuple[str, str]], now: float) -> None:
+        """The preemptible requests running on every replica, as the store lists them."""
+        self._stoppable.clear()
+        self.remote.clear()
+        self._stopping = {k: t for k, t in self._stopping.items() if now - t < 2.0}
+        for lease, (backend, text) in runs.items():
+            run = RemoteRun.parse(lease, backend, text)
+            if run is None or lease in self._stopping:
+                continue
+            # Placeholders make the one-process dispatch look for a victim at all.
+            placeholder = Job(model="", priority=run.priority, preemptible=True)
+            self._stoppable[placeholder.seq] = placeholder
+            self.remote[placeholder.seq] = run
+
+    def _preempt_for(self, job: Job, now: float, waiting: bool = False) -> Backend | None:
+        """Ask the replica running the request that did the least work, of a lower
+        class, on a backend where ``job``'s model is resident, to stop it: its slot
+        comes back through the store and the next pass gives it to the best waiting
+        job. Nothing is handed over here (None)."""
+        victims = []
+        for seq, run in self.remote.items():
+            backend = self.fleet.backend(run.backend)
+            if (backend is None or run.priority <= job.priority
+                    or run.preemptions >= self.max_preemptions or backend.name in job.exclude
+                    or not backend.routable(now)):
+                continue
+            r = self.fleet.resident(backend, job.model, job.ctx)
+            if r is None or r.loading:
+                continue
+            victims.append((run.dispatched_ms, seq, run))
+        if not victims:
+            return None
+        _, seq, run = max(victims)
+        del self.remote[seq]
+        self._stoppable.pop(seq, None)
+        self._stopping[run.lease] = now
+        self.preemptions += 1
+        self._on_stop(run)
+        return None
 
     def enqueue(self, job: Job, front: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -111,7 +184,8 @@ class Leader:
         self.owner = owner
         self.store: SlotStore = owner.store
         self.queue = JobQueue(owner.queue.fairness)
-        self.dispatcher = RemoteDispatcher(owner, self.queue, self._grant_later, self.kick)
+        self.dispatcher = RemoteDispatcher(owner, self.queue, self._grant_later, self.kick,
+                                           self._stop)
         self.jobs: dict[str, Job] = {}           # job id -> job
         self._ids: dict[int, str] = {}           # job seq -> job id
         self._replica: dict[str, str] = {}       # job id -> replica
@@ -222,10 +296,21 @@ class Leader:
             counters[client] = counters.get(client, 0.0) + amount
         if not self.jobs:
             return
+        if any(job.priority < Priority.LOW for job in self.jobs.values()):
+            self.dispatcher.running(await self.store.stoppable(), self.owner.clock())
         self._grants = []
         self.dispatcher.dispatch()
         if self._grants and await self._make_grants(self._grants):
             self.kick()
+
+    def _stop(self, run: RemoteRun) -> None:
+        task = asyncio.get_running_loop().create_task(self._tell(run))
+        self._fetching.add(task)
+        task.add_done_callback(self._fetching.discard)
+
+    async def _tell(self, run: RemoteRun) -> None:
+        with contextlib.suppress(SlotStoreError):
+            await self.store.tell(run.replica, f"preempt {run.lease}")
 
     def _grant_later(self, job: Job, backend: Backend, placement: str) -> None:
         self._grants.append((job, backend, placement))
@@ -239,9 +324,13 @@ class Leader:
             if job_id is None:
                 continue
             self.grants_made += 1
-            calls.append(GrantCall(job_id, backend.name, backend.max_concurrency,
-                                   f"{job_id}.g{self.grants_made}", self.owner.lease_ms,
-                                   self._replica[job_id], placement, job.model, job.ctx))
+            replica = self._replica[job_id]
+            calls.append(GrantCall(
+                job_id, backend.name, backend.max_concurrency,
+                f"{job_id}.g{self.grants_made}", self.owner.lease_ms, replica, placement,
+                job.model, job.ctx,
+                stoppable_text(job, replica, int(time.time() * 1000))
+                if job.preemptible else ""))
             made.append((job_id, job, backend))
         if not calls:
             return False

@@ -71,7 +71,7 @@ class RedisSlotStore:
         self._owns = owns_client
         self._script = client.register_script(_script_text())
         self._fixed = [prefix + "waiting", prefix + "granted", prefix + "charges",
-                       prefix + "leader"]
+                       prefix + "leader", prefix + "running"]
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX,
@@ -109,10 +109,10 @@ class RedisSlotStore:
 
     async def acquire(self, backends: Sequence[tuple[str, int]], lease: str, ttl_ms: int,
                       job_id: str, descriptor: bytes | None, client: str = "",
-                      charge: float = 0.0) -> Taken:
+                      charge: float = 0.0, stoppable: str = "") -> Taken:
         out = await self._run("acquire", [b for b, _ in backends],
                               [lease, ttl_ms, job_id, descriptor or b"",
-                               self.channel(LEADER), client, repr(float(charge)),
+                               self.channel(LEADER), client, repr(float(charge)), stoppable,
                                *(cap for _, cap in backends)])
         index, used = int(out[0]), int(out[1])
         return Taken(index - 1 if index > 0 else None, used)
@@ -135,7 +135,7 @@ class RedisSlotStore:
                 return [await self.release(op.backend, op.lease, op.job_id, op.client,
                                            op.correction)]
             return [await self.acquire(op.backends, op.lease, op.ttl_ms, op.job_id,
-                                       op.descriptor, op.client, op.charge)]
+                                       op.descriptor, op.client, op.charge, op.stoppable)]
         out = await self._pipeline("batch", [self._call(op) for op in ops])
         results: list[Taken | Released] = []
         for op, o in zip(ops, out, strict=True):
@@ -154,28 +154,44 @@ class RedisSlotStore:
         return ([*self._fixed, *(self._lease_key(b) for b, _ in op.backends)],
                 [self._now(), "acquire", op.lease, op.ttl_ms, op.job_id,
                  op.descriptor or b"", self.channel(LEADER), op.client,
-                 repr(float(op.charge)), *(cap for _, cap in op.backends)])
+                 repr(float(op.charge)), op.stoppable, *(cap for _, cap in op.backends)])
 
     async def grant(self, job_id: str, backend: str, cap: int, lease: str, ttl_ms: int,
                     replica: str, placement: str = "resident", model: str = "",
-                    ctx: int | None = None) -> tuple[int, int]:
+                    ctx: int | None = None, stoppable: str = "") -> tuple[int, int]:
         out = await self._run("grant", [backend],
                               [job_id, lease, ttl_ms, cap,
                                self.channel(replica_channel(replica)), backend, placement,
-                               self.channel(FLEET), model, "" if ctx is None else ctx])
+                               self.channel(FLEET), model, "" if ctx is None else ctx,
+                               stoppable])
         return int(out[0]), int(out[1])
+
+    async def stoppable(self) -> dict[str, tuple[str, str]]:
+        out = await self._run("stoppable", [], [])
+        pairs = {}
+        for i in range(0, len(out), 2):
+            backend, _, desc = _text(out[i + 1]).partition("|")
+            pairs[_text(out[i])] = (backend, desc)
+        return pairs
+
+    async def tell(self, replica: str, message: str) -> None:
+        try:
+            await self._client.publish(self.channel(replica_channel(replica)), message)
+        except (RedisError, OSError) as exc:
+            raise SlotStoreError(f"slot store (tell): {exc}") from exc
 
     async def grant_many(self, grants: Sequence[GrantCall]) -> list[tuple[int, int]]:
         """The grants of one leader's pass, in one round trip."""
         if len(grants) == 1:
             g = grants[0]
             return [await self.grant(g.job_id, g.backend, g.cap, g.lease, g.ttl_ms,
-                                     g.replica, g.placement, g.model, g.ctx)]
+                                     g.replica, g.placement, g.model, g.ctx, g.stoppable)]
         calls: list[tuple[list[str], list[str | int | bytes]]] = [
                  ([*self._fixed, self._lease_key(g.backend)],
                   [self._now(), "grant", g.job_id, g.lease, g.ttl_ms, g.cap,
                    self.channel(replica_channel(g.replica)), g.backend, g.placement,
-                   self.channel(FLEET), g.model, "" if g.ctx is None else g.ctx])
+                   self.channel(FLEET), g.model, "" if g.ctx is None else g.ctx,
+                   g.stoppable])
                  for g in grants]
         out = await self._pipeline("grant", calls)
         return [(int(o[0]), int(o[1])) for o in out]

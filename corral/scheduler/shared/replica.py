@@ -33,7 +33,7 @@ from corral.fleet.state import Fleet
 from corral.pipeline.route import Router
 from corral.scheduler.placement import Placement
 from corral.scheduler.queues import Job, JobQueue
-from corral.scheduler.shared.leader import Leader, describe
+from corral.scheduler.shared.leader import Leader, describe, stoppable_text
 from corral.scheduler.shared.store import (
     FLEET,
     LEADER,
@@ -190,10 +190,11 @@ class SharedScheduler(Scheduler):
             # Batched with the other slot operations of this moment, in order: the
             # slots this replica freed just before are free in the store first (or
             # a keep-alive client's next request would queue behind its previous one).
+            now_ms = int(time.time() * 1000)
             taken = await self._batch(Acquisition(
                 [(b.name, b.max_concurrency) for b in candidates], lease, self.lease_ms,
-                job_id, describe(job, self.replica, front, int(time.time() * 1000)),
-                job.client, charge))
+                job_id, describe(job, self.replica, front, now_ms), job.client, charge,
+                stoppable_text(job, self.replica, now_ms) if job.preemptible else ""))
             assert isinstance(taken, Taken)
         except SlotStoreError as exc:
             raise StoreUnavailable(f"the shared slot store cannot be reached: {exc}",
@@ -257,6 +258,7 @@ class SharedScheduler(Scheduler):
         self.fleet.on_dispatch(backend, job.model, job.ctx, now, load)
         job.backend, job.lease, job.dispatched_at = backend, lease, now
         job.placement = "load" if load else "resident"
+        job.settled = 0.0
         if job.preemptible:
             self._stoppable[job.seq] = job
         self._held[lease] = job
@@ -350,7 +352,7 @@ class SharedScheduler(Scheduler):
         self._held.pop(job.lease, None)
         backend.in_flight = max(0, backend.in_flight - 1)
         self.fleet.on_release(backend, job.model, self.clock())
-        correction = job.settled / job.weight if self.queue.fairness == "tokens" else 0.0
+        correction = job.settled / job.weight if self.queue.fairness != "fifo" else 0.0
         self._give_back_later(backend.name, job.lease, self.job_id(job), job.client,
                               correction)
         if self.local and self._waiters:
@@ -464,6 +466,9 @@ class SharedScheduler(Scheduler):
 
     def _granted(self, message: str) -> None:
         kind, _, rest = message.partition(" ")
+        if kind == "preempt":
+            self._preempt_here(rest)
+            return
         if kind != "grant":
             return
         job_id, _, text = rest.partition(" ")
@@ -474,6 +479,27 @@ class SharedScheduler(Scheduler):
             self._give_back_later(grant.backend, grant.lease, job_id, "", 0.0)
             return
         pending.future.set_result(grant)
+
+    def _preempt_here(self, lease: str) -> None:
+        """The leader asks this replica to stop a request for a higher class waiting
+        (on any replica): stopped only if nothing of its answer has arrived; its slot
+        goes back to the store, where the leader gives it to that job; the request
+        goes back to the front of its class, not charged for the work thrown away."""
+        job = self._held.get(lease)
+        run = job.run if job is not None else None
+        if job is None or run is None or job.backend is None or not run.interrupt():
+            return
+        now = self.clock()
+        stats = self.fleet.models.get(job.model)
+        thrown = max(now - job.dispatched_at, 0.0) * (stats.decode.get(0.0) if stats else 0.0)
+        job.thrown_tokens += thrown
+        job.preemptions += 1
+        job.preempted = True
+        job.settled = -job.cost
+        self.preemptions += 1
+        if self.on_preempt is not None:
+            self.on_preempt(job, thrown)
+        self.release(job)
 
     def _fleet_event(self, message: str) -> None:
         if message.startswith("hello "):

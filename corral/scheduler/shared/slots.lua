@@ -11,7 +11,9 @@
 --                  replica that queued them has taken it (its grant message may be lost)
 -- KEYS[3] charges hash: client -> fair-share service not yet taken in by the leader
 -- KEYS[4] leader   string: the id of the replica that orders the queue (with a TTL)
--- KEYS[5..] the lease zsets of the backends the operation is about
+-- KEYS[5] running  hash: lease -> "<backend>|<what a preemption needs>" of the running
+--                  requests a higher class may stop (their tier is preemptible)
+-- KEYS[6..] the lease zsets of the backends the operation is about
 -- ARGV[1] now in ms, or "" to read the server's TIME (one clock for all replicas)
 -- ARGV[2] operation; ARGV[3..] the operation's arguments, below.
 --
@@ -21,8 +23,17 @@
 -- The shared prelude (replication mode, `now`, `int`, `floordiv`) is prepended when
 -- the script is loaded: corral/limits/storage/prelude.lua.
 
-local WAITING, GRANTED, CHARGES, LEADER = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local FIRST = 5                -- KEYS[FIRST..] are lease zsets
+local WAITING, GRANTED, CHARGES, LEADER, RUNNING = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local FIRST = 6                -- KEYS[FIRST..] are lease zsets
+
+local function backend_of(key)
+  return string.match(key, 'lease:(.*)$')
+end
+
+-- A preemptible request taking a slot is registered for the leader to find.
+local function stoppable(key, lease, desc)
+  if desc ~= '' then redis.call('HSET', RUNNING, lease, backend_of(key) .. '|' .. desc) end
+end
 local op = ARGV[2]
 
 -- Fair-share service a replica charged on its own (a slot taken without the leader,
@@ -55,8 +66,8 @@ end
 
 -- acquire: ARGV[3] lease, ARGV[4] ttl ms, ARGV[5] job id, ARGV[6] descriptor ('' =
 -- do not queue), ARGV[7] leader channel, ARGV[8] client, ARGV[9] its charge when a
--- slot is taken, ARGV[10..] the cap of each KEYS[FIRST..] backend, in the order of
--- preference. Nobody waiting: the first backend with a free slot is taken -> {index
+-- slot is taken, ARGV[10] what a preemption needs ('' = not preemptible), ARGV[11..]
+-- the cap of each KEYS[FIRST..] backend, in the order of preference. Nobody waiting: the first backend with a free slot is taken -> {index
 -- (1-based), its use}. Otherwise the job is queued (and the leader told) -> {0, jobs
 -- waiting}. A job never overtakes one that waits.
 if op == 'acquire' then
@@ -64,11 +75,12 @@ if op == 'acquire' then
   local waiting = redis.call('HLEN', WAITING)
   if waiting == 0 then
     for i = FIRST, #KEYS do
-      local cap = tonumber(ARGV[i + 10 - FIRST])
+      local cap = tonumber(ARGV[i + 11 - FIRST])
       local n = used_lazily(KEYS[i], cap)
       if n < cap then
         take(KEYS[i], lease, ttl)
         charge(ARGV[8], ARGV[9])
+        stoppable(KEYS[i], lease, ARGV[10])
         return {i - FIRST + 1, n + 1}
       end
     end
@@ -88,6 +100,7 @@ end
 if op == 'release' then
   local removed = redis.call('ZREM', KEYS[FIRST], ARGV[3])
   redis.call('HDEL', GRANTED, ARGV[4])
+  redis.call('HDEL', RUNNING, ARGV[3])
   charge(ARGV[7], ARGV[8])
   local n = used(KEYS[FIRST])
   local waiting = redis.call('HLEN', WAITING)
@@ -100,8 +113,9 @@ end
 -- grant (the leader): KEYS[FIRST] the backend's leases; ARGV[3] job id, ARGV[4] lease,
 -- ARGV[5] ttl, ARGV[6] cap, ARGV[7] the job's replica's channel, ARGV[8] backend,
 -- ARGV[9] placement ("resident" or "load"), ARGV[10] fleet channel, ARGV[11] model,
--- ARGV[12] num_ctx or "". A load is announced on the fleet channel, so that every
--- replica stops sending requests to the model it evicts.
+-- ARGV[12] num_ctx or "", ARGV[13] what a preemption needs ('' = not preemptible). A
+-- load is announced on the fleet channel, so that every replica stops sending
+-- requests to the model it evicts.
 -- {1 granted | 0 the job is no longer waiting | -1 no free slot, use}.
 if op == 'grant' then
   local job, lease, ttl, cap = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -109,6 +123,7 @@ if op == 'grant' then
   local n = used(KEYS[FIRST])
   if n >= cap then return {-1, n} end
   take(KEYS[FIRST], lease, ttl)
+  stoppable(KEYS[FIRST], lease, ARGV[13])
   redis.call('HDEL', WAITING, job)
   local grant = ARGV[8] .. ' ' .. lease .. ' ' .. ARGV[9]
   redis.call('HSET', GRANTED, job, grant)
@@ -192,6 +207,11 @@ end
 -- job: ARGV[3] job id -> its descriptor, or false when it no longer waits.
 if op == 'job' then
   return redis.call('HGET', WAITING, ARGV[3])
+end
+
+-- stoppable: the preemptible requests running -> {lease, "<backend>|...", ...}.
+if op == 'stoppable' then
+  return redis.call('HGETALL', RUNNING)
 end
 
 -- charges: take in the charges made since the last call -> {client, amount, ...}.

@@ -20,6 +20,8 @@ One atomic operation per step of a slot's life, the same on every store:
   leadership, kept by calling ``lead`` again before it lapses).
 - ``heartbeat`` / ``replicas`` — each replica says it is alive (with what it is) and
   is forgotten once it stops; the leader drops the waiting jobs of replicas gone.
+- ``stoppable`` / ``tell`` — the preemptible requests running (registered as they
+  take a slot, gone with the release), and a word to one replica (``preempt <lease>``).
 - ``charges`` — fair-share service charged by replicas on their own (a slot taken
   without the leader; the correction once a request's real token counts are known),
   taken in by the leader; ``acquire`` and ``release`` record them at no extra cost.
@@ -69,6 +71,7 @@ class Acquisition:
     descriptor: bytes | None
     client: str = ""
     charge: float = 0.0
+    stoppable: str = ""         # what a preemption needs ("" = not preemptible)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +87,7 @@ class GrantCall:
     placement: str = "resident"
     model: str = ""
     ctx: int | None = None
+    stoppable: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +132,7 @@ class Cancelled:
 class SlotStore(Protocol):
     async def acquire(self, backends: Sequence[tuple[str, int]], lease: str, ttl_ms: int,
                       job_id: str, descriptor: bytes | None, client: str = "",
-                      charge: float = 0.0) -> Taken: ...
+                      charge: float = 0.0, stoppable: str = "") -> Taken: ...
 
     async def release(self, backend: str, lease: str, job_id: str, client: str = "",
                       correction: float = 0.0) -> Released: ...
@@ -139,7 +143,11 @@ class SlotStore(Protocol):
 
     async def grant(self, job_id: str, backend: str, cap: int, lease: str, ttl_ms: int,
                     replica: str, placement: str = "resident", model: str = "",
-                    ctx: int | None = None) -> tuple[int, int]: ...
+                    ctx: int | None = None, stoppable: str = "") -> tuple[int, int]: ...
+
+    async def stoppable(self) -> dict[str, tuple[str, str]]: ...
+
+    async def tell(self, replica: str, message: str) -> None: ...
 
     async def grant_many(self, grants: Sequence[GrantCall]) -> list[tuple[int, int]]: ...
 
@@ -200,6 +208,7 @@ class MemorySlotStore:
         self._charges: dict[str, float] = {}
         self._leader: tuple[str, int] | None = None     # (replica, expiry)
         self._replicas: dict[str, tuple[bytes, int]] = {}  # replica -> (info, alive until)
+        self._running: dict[str, tuple[str, str]] = {}     # lease -> (backend, descriptor)
         self._bus = _Bus()
 
     def _charge(self, client: str, amount: float) -> None:
@@ -214,7 +223,7 @@ class MemorySlotStore:
 
     async def acquire(self, backends: Sequence[tuple[str, int]], lease: str, ttl_ms: int,
                       job_id: str, descriptor: bytes | None, client: str = "",
-                      charge: float = 0.0) -> Taken:
+                      charge: float = 0.0, stoppable: str = "") -> Taken:
         now = self.clock()
         if not self._waiting:
             for i, (backend, cap) in enumerate(backends):
@@ -222,6 +231,8 @@ class MemorySlotStore:
                 if n < cap:
                     self._leases[backend][lease] = now + ttl_ms
                     self._charge(client, charge)
+                    if stoppable:
+                        self._running[lease] = (backend, stoppable)
                     return Taken(i, n + 1)
         if descriptor is None:
             return Taken(None, len(self._waiting))
@@ -235,6 +246,7 @@ class MemorySlotStore:
         now = self.clock()
         removed = self._leases.setdefault(backend, {}).pop(lease, None) is not None
         self._granted.pop(job_id, None)
+        self._running.pop(lease, None)
         self._charge(client, correction)
         n = self._used(backend, now)
         if removed and self._waiting:
@@ -253,12 +265,13 @@ class MemorySlotStore:
                                               op.correction))
             else:
                 out.append(await self.acquire(op.backends, op.lease, op.ttl_ms, op.job_id,
-                                              op.descriptor, op.client, op.charge))
+                                              op.descriptor, op.client, op.charge,
+                                              op.stoppable))
         return out
 
     async def grant(self, job_id: str, backend: str, cap: int, lease: str, ttl_ms: int,
                     replica: str, placement: str = "resident", model: str = "",
-                    ctx: int | None = None) -> tuple[int, int]:
+                    ctx: int | None = None, stoppable: str = "") -> tuple[int, int]:
         now = self.clock()
         if job_id not in self._waiting:
             return 0, -1
@@ -266,6 +279,8 @@ class MemorySlotStore:
         if n >= cap:
             return -1, n
         self._leases[backend][lease] = now + ttl_ms
+        if stoppable:
+            self._running[lease] = (backend, stoppable)
         del self._waiting[job_id]
         grant = Grant(backend, lease, placement)
         self._granted[job_id] = grant
@@ -276,7 +291,13 @@ class MemorySlotStore:
 
     async def grant_many(self, grants: Sequence[GrantCall]) -> list[tuple[int, int]]:
         return [await self.grant(g.job_id, g.backend, g.cap, g.lease, g.ttl_ms, g.replica,
-                                 g.placement, g.model, g.ctx) for g in grants]
+                                 g.placement, g.model, g.ctx, g.stoppable) for g in grants]
+
+    async def stoppable(self) -> dict[str, tuple[str, str]]:
+        return dict(self._running)
+
+    async def tell(self, replica: str, message: str) -> None:
+        self._bus.publish(replica_channel(replica), message)
 
     async def job(self, job_id: str) -> bytes | None:
         return self._waiting.get(job_id)
