@@ -167,6 +167,27 @@ def models_table(status: dict[str, Any]) -> Table | None:
     return table
 
 
+def replicas_table(status: dict[str, Any]) -> Table | None:
+    shared = status.get("shared")
+    if not shared:
+        return None
+    store = "ok" if shared.get("store") == "ok" else (
+        "unavailable, carrying on alone" if shared.get("alone") else "unavailable")
+    table = Table(title=f"Replicas · {shared.get('waiting', 0)} waiting on all · store "
+                        f"{store}", title_justify="left")
+    for name in ("replica", "address", "version", "configuration", "role"):
+        table.add_column(name)
+    mismatched = set(shared.get("config_mismatch") or [])
+    for r in shared.get("replicas") or []:
+        rid = str(r.get("id"))
+        table.add_row(rid + (" (this one)" if rid == shared.get("replica") else ""),
+                      str(r.get("address") or "–"), str(r.get("version") or "–"),
+                      Text(str(r.get("config") or "–"),
+                           style="bold red" if rid in mismatched else ""),
+                      "leader" if rid == shared.get("leader") else "replica")
+    return table
+
+
 def clients_table(status: dict[str, Any]) -> Table | None:
     clients = status.get("clients") or []
     if not clients:
@@ -200,7 +221,8 @@ def rejections_table(status: dict[str, Any]) -> Table | None:
 
 def render_status(status: dict[str, Any]) -> Group:
     parts: list[RenderableType] = [summary_line(status), backends_table(status)]
-    for table in (models_table(status), clients_table(status), rejections_table(status)):
+    for table in (replicas_table(status), models_table(status), clients_table(status),
+                  rejections_table(status)):
         if table is not None:
             parts.append(table)
     return Group(*parts)

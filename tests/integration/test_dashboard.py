@@ -259,3 +259,20 @@ async def test_dashboard_shows_the_fleet_and_updates_live(chromium: str, fleet: 
             await asyncio.gather(*workers)
 
     assert browser.errors == []
+
+
+async def test_dashboard_lists_the_replicas_on_a_shared_store(
+        chromium: str, start_sim: Any, start_corral: Any, start_redis: Any,
+        tmp_path: Path) -> None:
+    redis = start_redis()
+    sim = start_sim("--models", "llama3.2:latest", "--loaded", "llama3.2:latest", "--instant")
+    config = {"state": redis.url, "backends": backends(sim, slots=2)}
+    a, b = start_corral(config), start_corral(config)
+    async with Chromium(chromium, tmp_path) as browser:
+        await browser.open(a.url + "/dashboard")
+        await browser.wait_for(
+            "document.querySelectorAll('#replicas tr').length === 2", timeout=15)
+        text = await browser.eval("document.getElementById('replicas-panel').textContent")
+        assert f"127.0.0.1:{a.port}" in text and f"127.0.0.1:{b.port}" in text
+        assert "leader" in text and "(this one)" in text and "store ok" in text
+    assert browser.errors == []

@@ -85,3 +85,22 @@ def test_status_shows_what_each_backend_holds_and_the_models_figures() -> None:
     assert "3 loads, 7 preemptions" in out
     row = next(line for line in out.splitlines() if line.startswith("│ llama3.2:latest"))
     assert "1.50" in row and "0.25 s" in row and "gpu0" in row
+
+
+def test_status_lists_the_replicas_and_who_leads() -> None:
+    status = dict(STATUS)
+    status["shared"] = {"replica": "r1", "leader": "r2", "waiting": 5, "store": "ok",
+                        "config_mismatch": ["r3"], "replicas": [
+                            {"id": "r1", "address": "10.0.0.1:8080", "version": "0.1.0",
+                             "config": "abc"},
+                            {"id": "r2", "address": "10.0.0.2:8080", "version": "0.1.0",
+                             "config": "abc"},
+                            {"id": "r3", "address": "10.0.0.3:8080", "version": "0.1.0",
+                             "config": "def"}]}
+    out = render(status)
+    assert "Replicas · 5 waiting on all · store ok" in out
+    r1 = next(line for line in out.splitlines() if "r1 (this one)" in line)
+    assert "10.0.0.1:8080" in r1 and "replica" in r1
+    r2 = next(line for line in out.splitlines() if line.startswith("│ r2"))
+    assert "leader" in r2
+    assert "Replicas" not in render({"backends": []})

@@ -276,6 +276,25 @@ function renderModels(models, sched) {
     ? `· ${fmt(sched.loads)} loads · ${fmt(sched.preemptions)} preemptions` : "";
 }
 
+function renderReplicas(shared) {
+  // Several replicas on one state store: who they are, who orders the queue.
+  const panel = $("replicas-panel");
+  if (!shared) { panel.hidden = true; return; }
+  panel.hidden = false;
+  const now = Date.now() / 1000;
+  const rows = (shared.replicas || []).map((r) => el("tr", {},
+    el("td", {}, r.id + (r.id === shared.replica ? " (this one)" : "")),
+    el("td", {}, r.address || "–"),
+    el("td", {}, r.version || "–"),
+    el("td", { class: (shared.config_mismatch || []).includes(r.id) ? "status-503" : "" },
+       r.config || "–"),
+    el("td", {}, r.id === shared.leader ? "leader" : "replica"),
+    el("td", { class: "num" }, r.seen ? `${Math.max(0, now - r.seen).toFixed(1)} s ago` : "–")));
+  $("replicas").replaceChildren(...rows);
+  $("replicas-note").textContent = `· ${fmt(shared.waiting)} waiting on all replicas · store `
+    + (shared.store === "ok" ? "ok" : "unavailable" + (shared.alone ? " (carrying on alone)" : ""));
+}
+
 function renderRejections(rejections) {
   const rows = rejections.slice(0, 50).map((r) => el("tr", {},
     el("td", {}, r.time ? new Date(r.time * 1000).toLocaleTimeString() : "–"),
@@ -307,6 +326,7 @@ function render(status) {
   renderCharts(status);
   renderClients(status.clients);
   renderModels(status.models, status.scheduler);
+  renderReplicas(status.shared);
   renderRejections(status.rejections);
 }
 
