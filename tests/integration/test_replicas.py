@@ -62,8 +62,8 @@ async def test_a_high_class_job_on_one_replica_goes_before_low_class_work_waitin
     sim = start_sim("--models", M1, "--loaded", M1, "--parallel", "1", "--tps", "100")
     a, b = replicas(start_corral, redis.url, [sim], 2, slots=1)
     async with aiohttp.ClientSession() as s:
-        batch = [asyncio.create_task(generate(s, a, 30, "sk-nightly")) for _ in range(4)]
-        await asyncio.sleep(0.15)          # one runs, three wait (queued through A)
+        batch = [asyncio.create_task(generate(s, a, 60, "sk-nightly")) for _ in range(4)]
+        await asyncio.sleep(0.2)           # one runs (0.6 s), three wait (queued through A)
         person = await generate(s, b, 5, "sk-alice")
         done = await asyncio.gather(*batch)
     assert person["_status"] == 200 and all(d["_status"] == 200 for d in done)
