@@ -270,8 +270,11 @@ async def test_dashboard_lists_the_replicas_on_a_shared_store(
     a, b = start_corral(config), start_corral(config)
     async with Chromium(chromium, tmp_path) as browser:
         await browser.open(a.url + "/dashboard")
+        # Both heartbeats have been seen: each row has its address.
         await browser.wait_for(
-            "document.querySelectorAll('#replicas tr').length === 2", timeout=15)
+            f"(t => t.includes('127.0.0.1:{a.port}') && t.includes('127.0.0.1:{b.port}'))"
+            "(document.getElementById('replicas').textContent)",
+            timeout=15)
         text = await browser.eval("document.getElementById('replicas-panel').textContent")
         assert f"127.0.0.1:{a.port}" in text and f"127.0.0.1:{b.port}" in text
         assert "leader" in text and "(this one)" in text and "store ok" in text
