@@ -37,6 +37,15 @@ async def generate(s: aiohttp.ClientSession, gw: Gateway, tokens: int,
     return body
 
 
+async def running(sim: Any, count: int) -> None:
+    """Until the stand-in runs ``count`` requests."""
+    for _ in range(200):
+        if sim.stats()["in_flight"] == count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the stand-in never ran {count} request(s)")
+
+
 def replicas(start_corral: Any, redis_url: str, sims: list[Any], n: int, slots: int,
              **extra: Any) -> list[Gateway]:
     config = {"state": redis_url, "backends": backends(*sims, slots=slots), "keys": KEYS,
@@ -109,10 +118,7 @@ async def test_a_killed_replicas_slot_comes_back_within_the_lease(
                     **{"queue": {"max_wait": "60s", "slot_lease": "2s"}})
     async with aiohttp.ClientSession() as s:
         doomed = asyncio.create_task(generate(s, a, 500, "sk-hog"))      # 10 s
-        for _ in range(100):
-            if sim.stats()["in_flight"] == 1:
-                break
-            await asyncio.sleep(0.05)
+        await running(sim, 1)
         a.proc.kill()                  # SIGKILL: no release, no goodbye
         killed_at = time.monotonic()
         with contextlib.suppress(aiohttp.ClientError):
@@ -298,10 +304,7 @@ async def test_a_late_release_after_a_pause_is_ignored_and_logged(
                     **{"queue": {"max_wait": "60s", "slot_lease": "1s"}})
     async with aiohttp.ClientSession() as s:
         paused = asyncio.create_task(generate(s, a, 150, "sk-hog"))        # 1.5 s
-        for _ in range(100):
-            if sim.stats()["in_flight"] == 1:
-                break
-            await asyncio.sleep(0.02)
+        await running(sim, 1)
         a.proc.send_signal(signal.SIGSTOP)
         await asyncio.sleep(1.6)          # A's lease lapses: B may take the slot
         taker = asyncio.create_task(generate(s, b, 300, "sk-light"))       # 3 s
@@ -328,10 +331,7 @@ async def test_a_person_on_one_replica_preempts_batch_work_running_on_another(
     a, b = replicas(start_corral, redis.url, [sim], 2, slots=1)
     async with aiohttp.ClientSession() as s:
         batch = asyncio.create_task(generate(s, a, 200, "sk-nightly"))   # 2 s, not streamed
-        for _ in range(100):
-            if sim.stats()["in_flight"] == 1:
-                break
-            await asyncio.sleep(0.02)
+        await running(sim, 1)
         person = await generate(s, b, 10, "sk-alice")
         done = await batch
     assert person["_status"] == done["_status"] == 200
