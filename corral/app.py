@@ -39,6 +39,7 @@ from corral.observe.status import Activity, build_status
 from corral.pipeline import fleet
 from corral.pipeline.admit import Admission
 from corral.pipeline.affinity import Affinity
+from corral.pipeline.cors import Cors, CorsRequest
 from corral.pipeline.errors import error_response
 from corral.pipeline.forward import Timeouts
 from corral.pipeline.identify import Client, Identifier
@@ -132,6 +133,7 @@ class Gateway:
         self.retry_on = frozenset(str(x) for x in settings.retry.on)
         self.retry_on_status = frozenset(x for x in settings.retry.on if isinstance(x, int))
         self.identifier = Identifier(settings)
+        self.cors = Cors(settings.cors.origins)
         self.tiers = {name: (Priority.parse(t.priority), t.weight)
                       for name, t in settings.tiers.items()}
         self.preemptible_tiers = frozenset(name for name, t in settings.tiers.items()
@@ -277,6 +279,11 @@ class Gateway:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
+        origin = request.headers.get("Origin")
+        if origin is not None and self.cors.enabled:
+            refused = self._cors(request, origin)
+            if refused is not None:
+                return refused
         own = self._own_routes.get((request.method, path))
         if own is not None:
             return await own(self, request)
@@ -311,8 +318,23 @@ class Gateway:
         finally:
             await self.admission.finish(verdict, 0)
 
+    def _cors(self, request: web.BaseRequest, origin: str) -> web.StreamResponse | None:
+        """A request from a page on another origin: answered here when it is a
+        preflight or the origin is not allowed; otherwise marked, so its response (a
+        stream too) carries ``Access-Control-Allow-Origin``."""
+        if not self.cors.allowed(origin) and not self.cors.same_origin(origin, request):
+            self._log_refusal(request, None, 403, "origin")
+            return self.cors.refuse(origin, request.path.startswith("/v1/"))
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            # Before identification and limits: a browser sends no key on a preflight,
+            # and asking is not using.
+            self._log_refusal(request, None, 204, None)
+            return self.cors.preflight(origin)
+        request["cors_origin"] = origin
+        return None
+
     def _log_refusal(self, request: web.BaseRequest, client: Client | None, status: int,
-                     outcome: str, rule: str | None = None) -> None:
+                     outcome: str | None, rule: str | None = None) -> None:
         tier = client.tier if client is not None else self.settings.clients.default_tier
         rec = {"time": time.time(),
                "client": client.ip if client is not None else self.identifier.ip(request),
@@ -377,7 +399,7 @@ async def serve(settings: Settings, ready: Callable[[str], None] | None = None,
 
     def make_request(message: Any, payload: Any, protocol: Any, writer: Any,
                      task: asyncio.Task[None]) -> web.BaseRequest:
-        return web.BaseRequest(message, payload, protocol, writer, task, loop,
+        return CorsRequest(message, payload, protocol, writer, task, loop,
                                client_max_size=max_body)
 
     # aiohttp's low-level server: Corral dispatches on the path itself, so the

@@ -354,6 +354,30 @@ class MetricsConfig(_Model):
     path: str = "/metrics"
 
 
+def check_origin_pattern(value: str) -> str:
+    """A configured origin (lower-cased: browsers send origins so), or ValueError
+    saying what is wrong with it."""
+    value = value.lower()
+    if value in ("default", "*", "null"):
+        return value
+    if value != value.strip() or not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^\s/?#]+", value):
+        raise ValueError(f"{value!r} is not an origin: write scheme://host or "
+                         "scheme://host:port (a * matches any run of characters), "
+                         "default, * or null")
+    return value
+
+
+class CorsConfig(_Model):
+    # Ollama's own list by default, so a web app that worked against one Ollama works
+    # behind Corral; [] turns CORS off (Origin then passes to the backends untouched).
+    origins: tuple[str, ...] = ("default",)
+
+    @field_validator("origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_origin_pattern(o) for o in value)
+
+
 def _default_tiers() -> dict[str, TierConfig]:
     return {
         "premium": TierConfig(priority="high", weight=4),
@@ -377,6 +401,7 @@ class Settings(_Model):
     queue: QueueConfig = QueueConfig()
     jobs: JobsConfig = JobsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    cors: CorsConfig = CorsConfig()
     access_log: str = "stdout"   # stdout | stderr | off | a file path
     max_body_size: int = Field(100 * 1024 * 1024, ge=1024)
     shutdown_grace: Duration = 30.0

@@ -44,14 +44,20 @@ def _drop_listed(headers: MultiMapping[str]) -> frozenset[str]:
 
 HOP_BY_HOP_BYTES = frozenset(h.encode() for h in _HOP_BY_HOP)
 CREDENTIALS_BYTES = frozenset({b"authorization", b"x-api-key"})
+# Once Corral has allowed an origin (cors.py) the backend is not asked again: an Ollama
+# with a narrower OLLAMA_ORIGINS would refuse what the operator allowed here.
+ORIGIN_BYTES = frozenset({b"origin"})
 
 
-def raw_drop_set(headers: MultiMapping[str], strip_credentials: bool) -> frozenset[bytes]:
+def raw_drop_set(headers: MultiMapping[str], strip_credentials: bool,
+                 strip_origin: bool = False) -> frozenset[bytes]:
     """Lower-cased header names (bytes) not to forward for this request."""
     drop = HOP_BY_HOP_BYTES
     listed = headers.get("Connection")
     if listed:
         drop = drop | {h.strip().lower().encode("latin-1") for h in listed.split(",")}
+    if strip_origin:
+        drop = drop | ORIGIN_BYTES
     return drop | CREDENTIALS_BYTES if strip_credentials else drop
 
 
@@ -69,6 +75,7 @@ def request_headers(headers: CIMultiDictProxy[str],
 
 
 _CREDENTIALS = frozenset({"authorization", "x-api-key"})
+_ORIGIN = frozenset({"origin"})
 
 
 def upstream_headers(request: web.BaseRequest) -> CIMultiDict[str]:
@@ -76,6 +83,8 @@ def upstream_headers(request: web.BaseRequest) -> CIMultiDict[str]:
     not passed on."""
     client = request.get("client")
     strip = _CREDENTIALS if client is not None and client.key_matched else frozenset()
+    if "cors_origin" in request:
+        strip = strip | _ORIGIN
     return request_headers(request.headers, strip)
 
 

@@ -234,7 +234,8 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
         job.affinity = gw.affinity.get(session)
     # The request head is encoded once, whatever the number of tries.
     head = encode_head(request.method, request.path_qs, request.raw_headers,
-                       raw_drop_set(request.headers, client.key_matched))
+                       raw_drop_set(request.headers, client.key_matched,
+                                    "cors_origin" in request))
     last_failure: UpstreamFailure | None = None
     attempt = 0
     # Only a preemptible request gets a handle the scheduler can stop it with.

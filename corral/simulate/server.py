@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from corral.pipeline.cors import Cors
 from corral.simulate import compat, control, manage, native
 from corral.simulate.config import SimConfig
 from corral.simulate.engine import SimEngine
@@ -19,6 +20,10 @@ __all__ = ["RunningSim", "SimConfig", "build_sim_app", "start_sim"]
 _MAX_BODY = 256 * 1024 * 1024
 # Shutdown should not wait for hung or endless streams: a stand-in just goes away.
 _SHUTDOWN_TIMEOUT = 0.25
+
+
+_OLLAMA_CORS = Cors(("default",))
+_ORIGIN = "sim_origin"
 
 
 def _plain(status: int, text: str) -> web.Response:
@@ -39,6 +44,15 @@ async def _gate(request: web.Request, handler: Handler) -> web.StreamResponse:
     if engine.fault == "refuse":
         cut(request)
         return web.Response()
+    origin = request.headers.get("Origin")
+    if origin is not None and not Cors.same_origin(origin, request):
+        # Ollama's CORS (gin-contrib/cors with OLLAMA_ORIGINS' defaults): what a
+        # gateway that forwarded a browser's Origin would meet.
+        if not _OLLAMA_CORS.allowed(origin):
+            return web.Response(status=403)
+        if request.method == "OPTIONS":
+            return Cors.preflight(origin)
+        request[_ORIGIN] = origin
     exc = match.http_exception
     if exc is not None:
         if exc.status == 405:
@@ -49,10 +63,18 @@ async def _gate(request: web.Request, handler: Handler) -> web.StreamResponse:
     return await handler(request)
 
 
+async def _mark(request: web.Request, response: web.StreamResponse) -> None:
+    origin = request.get(_ORIGIN)
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+
+
 def build_sim_app(cfg: SimConfig) -> web.Application:
     app = web.Application(middlewares=[_gate], client_max_size=_MAX_BODY)
     engine = SimEngine(cfg)
     app[ENGINE] = engine
+    app.on_response_prepare.append(_mark)
     manage.add_routes(app)
     native.add_routes(app)
     compat.add_routes(app)
