@@ -25,7 +25,13 @@ from corral import __version__
 from corral.backends.backend import Backend
 from corral.backends.breaker import Breaker
 from corral.backends.health import HealthMonitor
-from corral.config import BackendConfig, Settings, fingerprint, max_loaded_models
+from corral.config import (
+    BackendConfig,
+    ConfigError,
+    Settings,
+    fingerprint,
+    max_loaded_models,
+)
 from corral.fleet.state import Fleet
 from corral.jobs.api import ITEM_PREFIX as JOB_ITEM_PREFIX
 from corral.jobs.api import job_item, job_routes
@@ -51,8 +57,10 @@ from corral.scheduler.queues import JobQueue, Priority
 from corral.scheduler.shared.redis import RedisSlotStore
 from corral.scheduler.shared.replica import SharedScheduler
 from corral.scheduler.slots import Scheduler
+from corral.web.listen import TlsListener
 from corral.web.routes import observe_routes
 from corral.web.server import Server
+from corral.web.tls import Certificates, TlsError
 
 log = logging.getLogger("corral")
 
@@ -65,6 +73,8 @@ class Gateway:
     def __init__(self, settings: Settings, config_path: str | None = None) -> None:
         self.settings = settings
         self.config_path = config_path
+        # Read first: a bad certificate must stop the start before anything runs.
+        self.certs = Certificates(settings.tls) if settings.tls is not None else None
         self.fleet = Fleet([self.new_backend(b) for b in settings.backends],
                            settings.routing.load_time, max_loaded_models(settings))
         self.router = Router(settings.routing.strategy, settings.routing.prefer_loaded)
@@ -199,6 +209,19 @@ class Gateway:
         old = self.settings
         notes = [f"{key} changed: takes effect after a restart" for key in _RESTART_ONLY
                  if getattr(new, key) != getattr(old, key)]
+        if new.tls is not None and self.certs is not None:
+            # Always re-read, changed or not: a renewal writes new files to the same
+            # paths. A file that cannot be used refuses the whole reload.
+            try:
+                self.certs.reload(new.tls)
+            except TlsError as exc:
+                raise ConfigError([str(exc)]) from None
+            info = self.certs.info
+            notes.append(f"certificate read: {info.subject}, valid until "
+                         f"{info.not_after:%Y-%m-%d} (new connections)")
+        elif (new.tls is None) != (self.certs is None):
+            notes.append("tls added or removed: takes effect after a restart")
+            new = new.model_copy(update={"tls": old.tls})
         # Settings that only take effect after a restart keep their running values.
         new = new.model_copy(update={k: getattr(old, k) for k in _RESTART_ONLY})
 
@@ -408,14 +431,23 @@ async def serve(settings: Settings, ready: Callable[[str], None] | None = None,
     # queue entry, slot and upstream request are released at once.
     server = Server(gateway.handle, request_factory=make_request,
                         handler_cancellation=True, access_log=None)
-    host, port = settings.listen_host_port
-    listener = await loop.create_server(server, host, port, backlog=4096, reuse_address=True)
-    if ready is not None:
-        ready(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}")
+    listeners: list[asyncio.Server | TlsListener] = []
     try:
+        for address in settings.listeners:
+            if address.tls and gateway.certs is not None:
+                tls = TlsListener(server, address.host, address.port, gateway.certs,
+                                  lambda: gateway.settings.timeouts.client_body)
+                await tls.start()
+                listeners.append(tls)
+            else:
+                listeners.append(await loop.create_server(
+                    server, address.host, address.port, backlog=4096, reuse_address=True))
+        if ready is not None:
+            ready(" ".join(a.url for a in settings.listeners))
         await asyncio.Event().wait()
     finally:
-        listener.close()
+        for listener in listeners:
+            listener.close()
         server.pre_shutdown()
         await server.shutdown(settings.shutdown_grace)
         await gateway.stop()

@@ -43,6 +43,19 @@ def serve(config: Path | None, listen: str | None, log_level: str) -> None:
         logging.getLogger("corral").warning("%s: %s", config or "configuration", warning)
     if listen:
         settings = Settings.model_validate({**settings.model_dump(), "listen": listen})
+    if settings.tls is not None:
+        from corral.web.tls import TlsError, load
+
+        try:
+            load(settings.tls)
+        except TlsError as exc:
+            click.echo(f"corral: {exc}; nothing started", err=True)
+            sys.exit(1)
+        # An expired certificate still serves (clients decide), as nginx does: a
+        # restart must not turn a renewal that failed into an outage.
+        expired, expiring = _tls_problems(settings)
+        for line in expired + expiring:
+            logging.getLogger("corral").warning("%s", line)
     if settings.state != "memory":
         problem = _redis_problem(settings.state)
         if problem is not None:
@@ -79,9 +92,28 @@ def check(config: Path, quiet: bool) -> None:
         problem = _redis_problem(settings.state)
         if problem is not None:
             warnings.append(problem)
+    errors: list[str] = []
+    if settings.tls is not None:
+        tls_errors, tls_warnings = _tls_problems(settings)
+        errors += tls_errors
+        warnings += tls_warnings
     for warning in warnings:
         click.echo(f"corral: {config}: warning: {warning}", err=True)
+    if errors:
+        for error in errors:
+            click.echo(f"corral: {config}: {error}", err=True)
+        click.echo(f"corral: the configuration file {config} is not usable", err=True)
+        sys.exit(1)
     click.echo(f"corral: the configuration file {config} is valid", err=True)
+
+
+def _tls_problems(settings: Settings) -> tuple[list[str], list[str]]:
+    import datetime as dt
+
+    from corral.web.tls import problems
+
+    assert settings.tls is not None
+    return problems(settings.tls, dt.datetime.now(dt.UTC))
 
 
 def _redis_problem(url: str, timeout: float = 2.0) -> str | None:

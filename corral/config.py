@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -22,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -367,6 +369,89 @@ def check_origin_pattern(value: str) -> str:
     return value
 
 
+def _resolve(value: str | None, info: ValidationInfo) -> str | None:
+    """A relative path is relative to the configuration file's directory, as nginx
+    reads paths relative to its configuration: the file can move with its certs."""
+    if value is None or not value.strip():
+        return None
+    path = Path(value).expanduser()
+    base = (info.context or {}).get("base")
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return str(path)
+
+
+class TlsConfig(_Model):
+    cert: str                       # PEM: the certificate, then its chain
+    key: str                        # PEM: its private key, unencrypted
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @field_validator("cert", "key")
+    @classmethod
+    def _path(cls, value: str, info: ValidationInfo) -> str:
+        resolved = _resolve(value, info)
+        if resolved is None:
+            raise ValueError("a file path is needed")
+        return resolved
+
+    @field_validator("min_version", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> Any:
+        # 1.2 in YAML is a number; TLSv1.2 is how OpenSSL names it.
+        text = str(value).strip().lower().removeprefix("tlsv").removeprefix("tls")
+        return text.strip() if text.strip() in ("1.2", "1.3") else value
+
+
+class UsageConfig(_Model):
+    enabled: bool = True
+    # SQLite file when state is memory; default: corral-usage.sqlite3 beside the
+    # configuration file (the working directory without one).
+    path: str | None = None
+    keep: int = Field(400, ge=1, le=36600)      # days
+    flush: Duration = 2.0                       # how often sums are written
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _resolve(value, info)
+
+    @field_validator("flush")
+    @classmethod
+    def _flush(cls, value: float) -> float:
+        if not 0.05 <= value <= 300:
+            raise ValueError("must be between 50ms and 5m")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    host: str
+    port: int
+    tls: bool
+
+    @property
+    def url(self) -> str:
+        """Where a client on this machine reaches it (a wildcard address on loopback)."""
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+
+_LISTEN_FLAGS = {"tls": True, "ssl": True}
+
+
+def _parse_listen(value: str) -> tuple[str, int, bool]:
+    """``host:port``, or ``host:port tls`` for HTTPS (nginx's ``ssl`` is accepted)."""
+    address, *flags = value.split()
+    unknown = [f for f in flags if f.lower() not in _LISTEN_FLAGS]
+    if unknown or len(flags) > 1:
+        raise ValueError(f"invalid listen address {value!r}: write host:port, or "
+                         "host:port tls for HTTPS")
+    host, port = _split_host_port(address, "listen address")
+    return host, port, bool(flags)
+
+
 class CorsConfig(_Model):
     # Ollama's own list by default, so a web app that worked against one Ollama works
     # behind Corral; [] turns CORS off (Origin then passes to the backends untouched).
@@ -387,7 +472,7 @@ def _default_tiers() -> dict[str, TierConfig]:
 
 
 class Settings(_Model):
-    listen: str = "0.0.0.0:8080"
+    listen: str | tuple[str, ...] = "0.0.0.0:8080"
     state: str = "memory"
     backends: tuple[BackendConfig, ...] = (BackendConfig(url="http://127.0.0.1:11434"),)
     routing: RoutingConfig = RoutingConfig()
@@ -402,14 +487,24 @@ class Settings(_Model):
     jobs: JobsConfig = JobsConfig()
     metrics: MetricsConfig = MetricsConfig()
     cors: CorsConfig = CorsConfig()
+    tls: TlsConfig | None = None
+    usage: UsageConfig = UsageConfig()
     access_log: str = "stdout"   # stdout | stderr | off | a file path
     max_body_size: int = Field(100 * 1024 * 1024, ge=1024)
     shutdown_grace: Duration = 30.0
 
     @field_validator("listen")
     @classmethod
-    def _listen(cls, value: str) -> str:
-        _split_host_port(value, "listen address")
+    def _listen(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        entries = (value,) if isinstance(value, str) else value
+        if not entries:
+            raise ValueError("at least one address is needed")
+        seen: set[tuple[str, int]] = set()
+        for entry in entries:
+            host, port, _ = _parse_listen(entry)
+            if (host, port) in seen:
+                raise ValueError(f"{host}:{port} is listed twice")
+            seen.add((host, port))
         return value
 
     @field_validator("state")
@@ -439,6 +534,9 @@ class Settings(_Model):
         for key in self.keys:
             if key.tier is not None and key.tier not in self.tiers:
                 raise ValueError(f"keys: key {key.name!r} names unknown tier {key.tier!r}")
+        if self.tls is None and any(entry.tls for entry in self.listeners):
+            raise ValueError("listen: an address marked tls needs a tls section "
+                             "({cert: PATH, key: PATH})")
         rule_names = [r.name for r in self.limits.rules]
         dup = {n for n in rule_names if rule_names.count(n) > 1}
         if dup:
@@ -457,8 +555,19 @@ class Settings(_Model):
         return self
 
     @property
+    def listeners(self) -> tuple[Listener, ...]:
+        """Every address to listen on. With a ``tls`` section, the addresses marked
+        ``tls`` serve HTTPS — all of them when none is marked."""
+        entries = (self.listen,) if isinstance(self.listen, str) else self.listen
+        parsed = [_parse_listen(e) for e in entries]
+        all_tls = self.tls is not None and not any(tls for _, _, tls in parsed)
+        return tuple(Listener(h, p, tls or all_tls) for h, p, tls in parsed)
+
+    @property
     def listen_host_port(self) -> tuple[str, int]:
-        return _split_host_port(self.listen, "listen address")
+        """The first address: what the replicas and the job workers call this one."""
+        first = self.listeners[0]
+        return first.host, first.port
 
 
 def fingerprint(settings: Settings) -> str:
@@ -605,7 +714,9 @@ def _known_path_words(loc: tuple[Any, ...]) -> set[str]:
     return {p for p in loc if isinstance(p, str) and "[" not in p}
 
 
-def load_settings_text(text: str, source: str = "<config>") -> Settings:
+def load_settings_text(text: str, source: str = "<config>",
+                       base: Path | None = None) -> Settings:
+    """``base``: the directory relative paths in the configuration start from."""
     try:
         root = yaml.compose(text, Loader=_Loader)
         data = yaml.load(text, Loader=_Loader)     # _Loader is a SafeLoader
@@ -621,7 +732,7 @@ def load_settings_text(text: str, source: str = "<config>") -> Settings:
     if root is not None:
         _line_map(root, (), lines)
     try:
-        return Settings.model_validate(_drop_nulls(data))
+        return Settings.model_validate(_drop_nulls(data), context={"base": base})
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source, lines, data)) from None
 
@@ -678,4 +789,4 @@ def load_settings(path: str | Path | None) -> Settings:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{p}: cannot read: {exc.strerror}"]) from None
-    return load_settings_text(text, str(p))
+    return load_settings_text(text, str(p), p.resolve().parent)

@@ -46,7 +46,12 @@ async def reload_from_file(gw: Reloadable) -> tuple[list[str] | None, list[str]]
         for line in exc.errors:
             log.error("reload refused: %s", line)
         return None, exc.errors
-    return await gw.apply(new), []
+    try:
+        return await gw.apply(new), []
+    except ConfigError as exc:          # found while applying: a certificate, say
+        for line in exc.errors:
+            log.error("reload refused: %s", line)
+        return None, exc.errors
 
 
 async def reload_handler(gw: Reloadable, request: web.BaseRequest) -> web.StreamResponse:

@@ -32,16 +32,11 @@ def make_store(settings: Settings) -> JobStore:
     return RedisJobStore.from_url(settings.state)
 
 
-def own_url(host: str, port: int) -> str:
-    """Where this process can reach itself: a wildcard listen address is reached on
-    loopback."""
-    if host in ("", "0.0.0.0"):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
+def own_url(settings: Settings) -> str:
+    """Where this process can reach itself: a plain listener if there is one (no
+    handshake per job), a wildcard address on loopback."""
+    listeners = settings.listeners
+    return next((x for x in listeners if not x.tls), listeners[0]).url
 
 
 class JobService:
@@ -54,7 +49,7 @@ class JobService:
         self.store = make_store(settings())
         self.callbacks = CallbackSender(self.store, self.config)
         self.workers = Workers(self.store, self.config,
-                               own_url(*settings().listen_host_port),
+                               own_url(settings()),
                                lambda: self.settings().max_body_size, self.callbacks.send)
         self._counts: dict[str, int] | None = None
         self._counter: asyncio.Task[None] | None = None

@@ -155,7 +155,10 @@ class Workers:
         # No total timeout: the gateway's own queue.max_wait and timeouts bound the
         # wait, and answer 503/504 in time.
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),    # workers bound the connections
+            # Workers bound the connections. Over HTTPS the target is this process
+            # itself, whose certificate need not name the address it is called on.
+            connector=aiohttp.TCPConnector(limit=0,
+                                           ssl=not self._target.startswith("https")),
             timeout=aiohttp.ClientTimeout(total=None, connect=10))
         loop = asyncio.get_running_loop()
         self.size = workers

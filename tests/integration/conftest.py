@@ -145,10 +145,16 @@ def start_sim(tmp_path: Path) -> Iterator[Any]:
 def start_corral(tmp_path: Path) -> Iterator[Any]:
     started: list[Gateway] = []
 
-    def start(config: dict[str, Any], wait_ready: bool = True) -> Gateway:
+    def start(config: dict[str, Any], wait_ready: bool = True,
+              extra_listen: tuple[str, ...] = ()) -> Gateway:
+        """``extra_listen``: more addresses (``host:port tls``, say) besides the plain
+        one the fixture waits on."""
         port = free_port()
         access = tmp_path / f"access-{port}.log"
-        cfg = {"listen": f"127.0.0.1:{port}", "access_log": str(access), **config}
+        listen: str | list[str] = f"127.0.0.1:{port}"
+        if extra_listen:
+            listen = [listen, *extra_listen]
+        cfg = {"listen": listen, "access_log": str(access), **config}
         cfg_path = tmp_path / f"corral-{port}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
         log = tmp_path / f"corral-{port}.log"

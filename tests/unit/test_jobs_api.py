@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from corral.config import Settings
 from corral.jobs.api import (
     ITEM_PREFIX,
     JOBS_PATH,
@@ -113,7 +114,14 @@ def test_job_routes_match_exact_paths() -> None:
 
 
 def test_own_url_reaches_a_wildcard_listener_on_loopback() -> None:
-    assert own_url("0.0.0.0", 8080) == "http://127.0.0.1:8080"
-    assert own_url("::", 8080) == "http://[::1]:8080"
-    assert own_url("10.0.0.5", 9000) == "http://10.0.0.5:9000"
-    assert own_url("fd00::5", 9000) == "http://[fd00::5]:9000"
+    def url(listen: object, tls: bool = False) -> str:
+        extra = {"tls": {"cert": "/c.pem", "key": "/k.pem"}} if tls else {}
+        return own_url(Settings.model_validate({"listen": listen, **extra}))
+
+    assert url("0.0.0.0:8080") == "http://127.0.0.1:8080"
+    assert url("[::]:8080") == "http://[::1]:8080"
+    assert url("10.0.0.5:9000") == "http://10.0.0.5:9000"
+    assert url("[fd00::5]:9000") == "http://[fd00::5]:9000"
+    # Over plain HTTP when the process has such a listener, else over its HTTPS one.
+    assert url(["0.0.0.0:8443 tls", "127.0.0.1:8080"], tls=True) == "http://127.0.0.1:8080"
+    assert url("0.0.0.0:8443", tls=True) == "https://127.0.0.1:8443"
