@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -57,6 +58,11 @@ from corral.scheduler.queues import JobQueue, Priority
 from corral.scheduler.shared.redis import RedisSlotStore
 from corral.scheduler.shared.replica import SharedScheduler
 from corral.scheduler.slots import Scheduler
+from corral.usage.api import USAGE_PATH, usage_handler
+from corral.usage.ledger import Ledger
+from corral.usage.redis import RedisUsageStore
+from corral.usage.sqlite import SqliteUsageStore
+from corral.usage.store import UsageStore
 from corral.web.listen import TlsListener
 from corral.web.routes import observe_routes
 from corral.web.server import Server
@@ -89,6 +95,9 @@ class Gateway:
         self.admission = Admission(settings, _limit_store(settings), self.metrics.limit_decision)
         self.scheduler.on_failure = self.metrics.upstream_error
         self.jobs = JobService(lambda: self.settings, lambda tier: self.tiers[tier][0])
+        u = settings.usage
+        self.ledger = (Ledger(_usage_store(settings, config_path), u.flush, u.keep)
+                       if u.enabled else None)
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in start
         self.health: HealthMonitor = None  # type: ignore[assignment]
         self.pools: Pools = None  # type: ignore[assignment]
@@ -126,7 +135,8 @@ class Gateway:
     def install_own_routes(self) -> None:
         # Per instance: the metrics path comes from the settings.
         self._own_routes = {**_OWN_ROUTES, **observe_routes(self.settings.metrics.path),
-                            **job_routes(), ("POST", "/corral/reload"): reload_handler}
+                            **job_routes(), ("POST", "/corral/reload"): reload_handler,
+                            ("GET", USAGE_PATH): usage_handler}
 
     def new_backend(self, cfg: BackendConfig) -> Backend:
         h = self.settings.health
@@ -181,6 +191,8 @@ class Gateway:
         self.access_log.start()
         self.admission.start()
         self.activity.start(self)
+        if self.ledger is not None:
+            self.ledger.start()
         await self.jobs.start()
         if isinstance(self.scheduler, SharedScheduler):
             self.scheduler.start()
@@ -195,6 +207,8 @@ class Gateway:
         await self.session.close()
         await self.pools.close()
         await self.access_log.close()
+        if self.ledger is not None:
+            await self.ledger.stop()     # last: every request has been recorded
 
     # -- helpers the pipeline uses ------------------------------------------------
 
@@ -367,6 +381,8 @@ class Gateway:
                "limit": outcome, "duration_ms": 0.0}
         self.access_log.write(rec)
         self.metrics.observe_request(rec, self.tiers[tier][0])
+        if self.ledger is not None:
+            self.ledger.record(rec)
 
     # -- status ---------------------------------------------------------------------
 
@@ -385,12 +401,27 @@ async def _status(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
 
 
 # A reload reports these but cannot apply them: they need a restart.
-_RESTART_ONLY = ("listen", "state", "shutdown_grace")
+_RESTART_ONLY = ("listen", "state", "shutdown_grace", "usage")
 
 
 async def _proxy_any(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     return await fleet.proxy_one(gw, request, fleet.pick_any(gw.fleet.up_backends(
         time.monotonic())))
+
+
+def _usage_store(settings: Settings, config_path: str | None) -> UsageStore:
+    """One ledger for all replicas on the shared state store; otherwise a SQLite file
+    (by default beside the configuration) so a restart loses nothing."""
+    if settings.state != "memory":
+        return RedisUsageStore.from_url(settings.state, keep_days=settings.usage.keep)
+    path = settings.usage.path
+    if path is None:
+        base = Path(config_path).resolve().parent if config_path else Path.cwd()
+        path = str(base / DEFAULT_USAGE_FILE)
+    return SqliteUsageStore(path)
+
+
+DEFAULT_USAGE_FILE = "corral-usage.sqlite3"
 
 
 def _limit_store(settings: Settings) -> LimitStore:

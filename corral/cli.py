@@ -75,7 +75,14 @@ def serve(config: Path | None, listen: str | None, log_level: str) -> None:
         click.echo(f"corral {__version__} listening on {url} "
                    f"({len(settings.backends)} backend(s))", err=True)
 
-    run_async(serve_app(settings, ready, str(config) if config else None))
+    from corral.usage.store import UsageStoreError
+
+    try:
+        run_async(serve_app(settings, ready, str(config) if config else None))
+    except UsageStoreError as exc:
+        click.echo(f"corral: usage ledger: {exc}; set usage.path to a writable file, or "
+                   "usage.enabled: false", err=True)
+        sys.exit(1)
 
 
 @main.command()
@@ -161,6 +168,7 @@ def _register_optional() -> None:
     from corral.observe.commands import status_command, top_command
     from corral.ops.command import systemd_command
     from corral.simulate.command import simulate_command
+    from corral.usage.command import usage_command
 
     main.add_command(simulate_command, "simulate")
     main.add_command(demo_command, "demo")
@@ -168,6 +176,7 @@ def _register_optional() -> None:
     main.add_command(status_command, "status")
     main.add_command(top_command, "top")
     main.add_command(systemd_command, "systemd")
+    main.add_command(usage_command, "usage")
 
 
 _register_optional()

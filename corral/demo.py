@@ -7,6 +7,8 @@ model-aware routing, streaming) can be seen with curl or any Ollama/OpenAI clien
 from __future__ import annotations
 
 import asyncio
+import tempfile
+from pathlib import Path
 
 import click
 
@@ -25,6 +27,8 @@ def demo_settings(port: int, sim_ports: tuple[int, int], access_log: str) -> Set
         "routing": {"load_time": "1s"},
         "queue": {"max_depth": 200, "max_wait": "60s"},
         "access_log": access_log,
+        # The demo's ledger lives in the temporary directory, not where it was started.
+        "usage": {"path": str(Path(tempfile.gettempdir()) / f"corral-demo-usage-{port}.sqlite3")},
     })
 
 
@@ -53,6 +57,7 @@ Try:
   curl {url}/api/chat -d '{{"model":"llama3.2","messages":[{{"role":"user","content":"hello"}}]}}'
   curl {url}/api/tags
   curl {url}/corral/status
+  curl '{url}/corral/usage?by=client,model'
   dashboard: {url}/dashboard      metrics: {url}/metrics
 
 Press Ctrl-C to stop.""", err=True)

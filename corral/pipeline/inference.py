@@ -28,6 +28,7 @@ from corral.pipeline.identify import Client
 from corral.pipeline.upstream import Interrupt, Pools, Response, UpstreamError, encode_head
 from corral.scheduler.queues import Job, JobQueue, Priority
 from corral.scheduler.slots import Scheduler, SchedulingError
+from corral.usage.ledger import Ledger
 
 
 class RequestMetrics(Protocol):
@@ -54,6 +55,7 @@ class Gateway(Protocol):
     preemptible_tiers: frozenset[str]
     retry_on: frozenset[str]
     retry_on_status: frozenset[int]
+    ledger: Ledger | None
 
     @property
     def metrics(self) -> RequestMetrics: ...
@@ -188,6 +190,8 @@ async def handle_inference(gw: Gateway, request: web.BaseRequest) -> web.StreamR
                 verdict, rec.get("tokens_in", 0) + rec.get("tokens_out", 0))
         gw.access_log.write(rec)
         gw.metrics.observe_request(rec, gw.tiers[client.tier][0])
+        if gw.ledger is not None:
+            gw.ledger.record(rec)
 
 
 async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool, started: float,

@@ -82,6 +82,14 @@ async def test_dashboard_shows_the_fleet_and_updates_live(chromium: str, fleet: 
                 "document.getElementById('rejections').innerText.includes('503')")
             await browser.wait_for(
                 "document.getElementById('clients').innerText.includes('alice')")
+            # The usage ledger's top clients: alice among them, with today's figures.
+            await browser.wait_for(
+                "document.querySelector('#usage [data-client=\"alice\"]') !== null",
+                timeout=20)
+            alice = await browser.eval(
+                "[...document.querySelectorAll('#usage [data-client=\"alice\"] td')]"
+                ".map(e => e.textContent)")
+            assert alice[0] == "alice" and int(alice[1]) >= 3 and alice[1] == alice[3], alice
             # What Corral knows of the fleet: the model's demand and where it is
             # resident, and each backend's resident model with its load time.
             await browser.wait_for(

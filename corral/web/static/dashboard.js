@@ -352,5 +352,65 @@ async function poll() {
   }
 }
 
+// The usage ledger: top clients today and over the last seven days (UTC), read
+// again when requests have been served since (looked at every 5 s), and at least
+// every minute. A key given as #key=… in the address is sent with it (the fragment
+// never leaves the browser); without one, the gateway decides what to show.
+const USAGE_CHECK_MS = 5000;
+const USAGE_MAX_MS = 60000;
+const USAGE_TOP = 10;
+let usageTotal = null;
+let usageAt = 0;
+
+function usageHeaders() {
+  const key = new URLSearchParams(location.hash.slice(1)).get("key");
+  return key ? { Authorization: "Bearer " + key } : {};
+}
+
+function renderUsage(week, today) {
+  const todayBy = new Map(today.rows.map((r) => [r.client, r]));
+  const rows = week.rows.slice(0, USAGE_TOP).map((r) => {
+    const t = todayBy.get(r.client);
+    return el("tr", { "data-client": r.client },
+      el("td", {}, r.client),
+      el("td", { class: "num" }, fmt(t ? t.requests : 0)),
+      el("td", { class: "num" }, fmt(t ? t.tokens_in + t.tokens_out : 0)),
+      el("td", { class: "num" }, fmt(r.requests)),
+      el("td", { class: "num" }, fmt(r.tokens_in + r.tokens_out)),
+      el("td", { class: "num" }, fmt(r.refused)),
+      el("td", { class: "num" }, fmt(r.errors)));
+  });
+  $("usage").replaceChildren(...(rows.length ? rows
+    : [el("tr", {}, el("td", { colspan: "7", class: "empty" }, "no usage recorded this week"))]));
+  const more = week.rows.length > USAGE_TOP ? ` · top ${USAGE_TOP} of ${week.rows.length}` : "";
+  $("usage-note").textContent = `· ${week.from} to ${week.to} UTC, by tokens${more}`;
+}
+
+async function pollUsage() {
+  const total = last ? last.totals.requests : null;
+  if (total === usageTotal && Date.now() - usageAt < USAGE_MAX_MS) {
+    setTimeout(pollUsage, USAGE_CHECK_MS);
+    return;
+  }
+  usageTotal = total;
+  usageAt = Date.now();
+  try {
+    const get = (q) => fetch("corral/usage?by=client" + q, { cache: "no-store", headers: usageHeaders() });
+    const [week, today] = await Promise.all([get(""), get("&from=" + new Date().toISOString().slice(0, 10))]);
+    if (week.ok && today.ok) {
+      renderUsage(await week.json(), await today.json());
+    } else {
+      const answer = await week.json().catch(() => ({}));
+      $("usage").replaceChildren(el("tr", {}, el("td", { colspan: "7", class: "empty" },
+        (answer.error || `usage: status ${week.status}`) + (week.status === 401 ? " — open the dashboard as …/dashboard#key=YOUR-ADMIN-KEY" : ""))));
+    }
+  } catch (err) {
+    // Offline: the status poll already says so.
+  } finally {
+    setTimeout(pollUsage, USAGE_CHECK_MS);
+  }
+}
+
 window.addEventListener("resize", () => { if (last) renderCharts(last); });
 poll();
+pollUsage();
