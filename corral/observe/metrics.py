@@ -282,7 +282,30 @@ class FleetCollector(Collector):
             if isinstance(value, int):
                 jobs.add_metric([state], value)
         return [info, up, routable, in_flight, slots, models, loaded, vram, model_loaded,
-                depth, jobs, *self._knowledge(now), *self._replication()]
+                depth, jobs, *self._knowledge(now), *self._replication(), *self._edge()]
+
+    def _edge(self) -> list[Metric]:
+        """The usage ledger's writes and the HTTPS certificate (each when configured)."""
+        out: list[Metric] = []
+        ledger = getattr(self.fleet, "ledger", None)
+        if ledger is not None:
+            failures = CounterMetricFamily(
+                "corral_usage_write_failures",
+                "Batches the usage store refused (kept in memory and retried).")
+            failures.add_metric([], ledger.errors)
+            pending = GaugeMetricFamily(
+                "corral_usage_pending_entries",
+                "Client × model × tier × day sums not yet written to the usage store.")
+            pending.add_metric([], ledger.pending())
+            out += [failures, pending]
+        certs = getattr(self.fleet, "certs", None)
+        if certs is not None:
+            expiry = GaugeMetricFamily(
+                "corral_tls_certificate_expiry_timestamp_seconds",
+                "When the served certificate expires (Unix time): alert on renewal.")
+            expiry.add_metric([], certs.info.not_after.timestamp())
+            out.append(expiry)
+        return out
 
     def _replication(self) -> list[Metric]:
         """Several replicas on one state store (absent for one process)."""

@@ -356,4 +356,13 @@ def build_status(gw: Observed) -> dict[str, Any]:
     shared = gw.scheduler.replication()
     if shared is not None:
         status["shared"] = shared       # several replicas on one state store
+    ledger = getattr(gw, "ledger", None)
+    if ledger is not None:
+        status["usage"] = ledger.status()
+    certs = getattr(gw, "certs", None)
+    if certs is not None:
+        info = certs.info
+        status["tls"] = {"subject": info.subject, "names": list(info.names),
+                         "not_after": info.not_after.isoformat(),
+                         "min_version": certs.cfg.min_version}
     return status

@@ -169,3 +169,9 @@ class Ledger:
 
     def pending(self) -> int:
         return len(self._sums)
+
+    def status(self) -> dict[str, Any]:
+        return {"store": self.store.describe(), "pending": self.pending(),
+                "writes": self.flushes, "write_failures": self.errors,
+                "last_error": self.last_error, "flush_s": self.flush_s,
+                "keep_days": self.keep_days}

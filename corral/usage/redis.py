@@ -77,6 +77,11 @@ class RedisUsageStore:
     def client(self) -> Redis:
         return self._client
 
+    def describe(self) -> str:
+        kwargs = self._client.connection_pool.connection_kwargs
+        where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+        return f"redis:{where}/{kwargs.get('db', 0)} {self._prefix}*"
+
     def _key(self, day: str) -> str:
         return self._prefix + day
 

@@ -88,6 +88,9 @@ class SqliteUsageStore:
     def path(self) -> Path:
         return self._path
 
+    def describe(self) -> str:
+        return f"sqlite:{self._path}"
+
     # --- worker thread -------------------------------------------------------------
 
     def _open(self) -> None:

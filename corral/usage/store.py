@@ -63,3 +63,7 @@ class UsageStore(Protocol):
         """Forget the days before ``before_day`` (retention, ``usage.keep``)."""
 
     async def close(self) -> None: ...
+
+    def describe(self) -> str:
+        """Where the figures are kept, for the status page (never a password)."""
+        ...

@@ -152,6 +152,14 @@ async def test_reload_swaps_the_certificate_without_cutting_a_stream(
                     assert x509.load_der_x509_certificate(new_der).issuer == \
                         new_ca.certificate.subject
     assert len(lines) == 41 and json.loads(lines[-1])["done"] is True
+    # The status page and the metrics show the certificate now served.
+    served = x509.load_pem_x509_certificates(new_cert.read_bytes())[0]
+    assert gw.status()["tls"]["not_after"] == served.not_valid_after_utc.isoformat()
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(gw.url + "/metrics")).text
+    line = next(x for x in metrics.splitlines()
+                if x.startswith("corral_tls_certificate_expiry_timestamp_seconds "))
+    assert float(line.split()[1]) == served.not_valid_after_utc.timestamp()
 
 
 async def test_a_bad_certificate_on_reload_keeps_the_old_one(start_sim: Any, start_corral: Any,

@@ -105,6 +105,15 @@ async def test_the_ledger_holds_what_the_requests_did(start_sim: Any, start_corr
         assert anonymous["requests"] == 1
         assert body["totals"]["requests"] == 8 and body["totals"]["refused"] == 2
 
+        # The status page and the metrics say where the ledger is and how it writes.
+        ledger = gw.status()["usage"]
+        assert ledger["store"] == f"sqlite:{usage_file}" and ledger["write_failures"] == 0
+        assert ledger["writes"] >= 1
+        async with s.get(gw.url + "/metrics") as r:
+            metrics = await r.text()
+        assert "corral_usage_write_failures_total 0.0" in metrics
+        assert "corral_usage_pending_entries" in metrics
+
         # By tier and day.
         status, body = await _usage(s, gw, query="by=tier,day")
         assert status == 200
@@ -176,6 +185,7 @@ async def test_two_replicas_on_one_redis_sum_into_one_ledger(
         assert all(status == 200 for status, _ in results)
         tokens = sum(body["eval_count"] for _, body in results)
         await asyncio.sleep(0.6)            # the other replica's last flush
+        assert one.status()["usage"]["store"].startswith(f"redis:127.0.0.1:{redis.port}/0")
         for gw in (one, two):
             status, body = await _usage(s, gw)
             assert status == 200
