@@ -251,14 +251,25 @@ def bench_command() -> None:
                    "--quick].")
 @click.option("--quick", is_flag=True,
               help="A fast smoke run: fewer requests, one round, 200 streams.")
+@click.option("--tls", is_flag=True,
+              help="HTTPS to Corral and nginx, both serving one throwaway CA's certificate "
+                   "(direct stays plain HTTP): keep-alive latency, latency with a new "
+                   "connection per request, and throughput; no streams leg.")
+@click.option("--handshakes", type=click.IntRange(min=1), default=None,
+              help=f"With --tls: requests per target per round in the new-connection leg "
+                   f"[default: {_DEFAULTS.handshakes}, 100 with --quick].")
+@click.option("--ledger", is_flag=True,
+              help="Corral with the usage ledger on against off, in interleaved rounds "
+                   "[rounds default: 6, 3 with --quick]; no nginx, no streams leg.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
-              help="Where to write the JSON result [default: "
-                   "benchmarks/results/overhead-<date>.json].")
+              help="Where to write the JSON result [default: benchmarks/results/"
+                   "overhead-<date>.json; overhead-tls-… with --tls, overhead-ledger-… "
+                   "with --ledger].")
 def overhead_command(
     requests: int | None, rounds: int | None, duration: float | None,
     concurrency: int | None, streams: int | None, stream_tokens: int | None,
     stream_tps: float | None, no_nginx: bool, nginx_auto: bool | None, quick: bool,
-    output: Path | None,
+    tls: bool, handshakes: int | None, ledger: bool, output: Path | None,
 ) -> None:
     """Corral's cost: the same requests direct, through Corral and through nginx.
 
@@ -266,16 +277,27 @@ def overhead_command(
     concurrent slow streams (completion, time to first token, Corral's peak RSS),
     judged against: added p50 ≤ 2× nginx's, throughput ≥ 0.8× nginx's, all streams
     complete with peak RSS ≤ 150 MB.
+
+    --tls judges Corral over HTTPS against nginx over HTTPS with the same goals;
+    --ledger compares Corral with the usage ledger on and off in one run.
     """
+    if tls and ledger:
+        raise click.UsageError("--tls and --ledger are separate runs: give one of them")
+    if handshakes is not None and not tls:
+        raise click.UsageError("--handshakes is for --tls runs")
     console = Console(stderr=False)
+    if ledger and rounds is None:
+        # Paired rounds are the point: enough of them to see the spread.
+        rounds = 3 if quick else 6
     overrides: dict[str, Any] = {
         k: v for k, v in {
             "requests": requests, "rounds": rounds, "duration": duration,
             "concurrency": concurrency, "streams": streams, "stream_tokens": stream_tokens,
-            "stream_tps": stream_tps, "nginx_auto": nginx_auto,
+            "stream_tps": stream_tps, "nginx_auto": nginx_auto, "handshakes": handshakes,
         }.items() if v is not None
     }
-    use_nginx = not no_nginx
+    overrides["tls"], overrides["ledger"] = tls, ledger
+    use_nginx = not no_nginx and not ledger
     if use_nginx and harness.nginx_binary() is None:
         console.print("[yellow]nginx is not installed: the nginx leg is skipped and the "
                       "ratios against it are not judged[/]")
@@ -284,15 +306,33 @@ def overhead_command(
     opts = (overhead.Options.quick(**overrides) if quick
             else overhead.Options(**overrides))
 
-    result = _execute(console, "overhead",
-                      lambda tmp, progress: overhead.run(opts, tmp, progress))
-    render(console, result)
-    path = output or _default_output()
+    if tls or ledger:
+        if console.width < 110:
+            console = Console(stderr=False, width=110)     # the tables need the room
+        mode = "tls" if tls else "ledger"
+        scenario = overhead.run_tls if tls else overhead.run_ledger
+        result = _execute(console, f"overhead-{mode}",
+                          lambda tmp, progress: scenario(opts, tmp, progress))
+        (overhead.render_tls if tls else overhead.render_ledger)(console, result)
+        _machine_note(console, result)
+        path = output or _dated_output(f"overhead-{mode}")
+    else:
+        result = _execute(console, "overhead",
+                          lambda tmp, progress: overhead.run(opts, tmp, progress))
+        render(console, result)
+        path = output or _default_output()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
                                   | orjson.OPT_NON_STR_KEYS)
                      + b"\n")
     console.print(f"results written to {path}")
+
+
+def _machine_note(console: Console, result: dict[str, Any]) -> None:
+    m = result["machine"]
+    nginx = f", {m['nginx']} (worker_processes 1)" if result["options"]["nginx"] else ""
+    console.print(f"[dim]{m['cores']} cores ({m['cpu_model']}), Python {m['python']}, "
+                  f"aiohttp {m['aiohttp']}, uvloop {m['uvloop']}{nginx}[/]", highlight=False)
 
 
 _FAILOVER = failover.Options()

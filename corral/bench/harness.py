@@ -16,14 +16,17 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from corral.bench import certs
 from corral.bench.load import Connection, ProtocolError, encode_request
 
 MODEL = "llama3.2"
@@ -101,12 +104,26 @@ class Target:
     log: Path
     # nginx does the work in its workers, so its memory and CPU are theirs too.
     include_children: bool = False
+    # Set when the target serves HTTPS: the context a client trusts it with.
+    client_tls: ssl.SSLContext | None = None
 
     host = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.client_tls else 'http'}://{self.host}:{self.port}"
+
+    def connection(self) -> Connection:
+        """A keep-alive client connection to this target, over TLS when it serves HTTPS."""
+        if self.client_tls is None:
+            return Connection(self.host, self.port)
+        return TlsConnection(self.host, self.port, self.client_tls)
+
+    async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """One new connection (TCP, and the TLS handshake when it serves HTTPS)."""
+        return await asyncio.open_connection(
+            self.host, self.port, limit=_READ_LIMIT, ssl=self.client_tls,
+            server_hostname=self.host if self.client_tls else None)
 
     def pids(self) -> list[int]:
         pids = [self.proc.pid]
@@ -138,6 +155,62 @@ class Target:
             )
 
 
+_READ_LIMIT = 1024 * 1024     # as the load generator's own connections
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """One throwaway authority and one server certificate, shared by every HTTPS
+    target of a run, so Corral and nginx serve the very same certificate."""
+
+    ca: Path
+    cert: Path      # the certificate, then the CA (a chain)
+    key: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        """What a client that trusts the CA uses: verification on, HTTP/1.1 by ALPN."""
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        ctx.set_alpn_protocols(["http/1.1"])
+        return ctx
+
+
+def make_tls(workdir: Path) -> TlsFiles:
+    directory = workdir / "tls"
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = certs.authority(directory)
+    cert, key = certs.server_cert(ca, directory)
+    return TlsFiles(ca.cert, cert, key)
+
+
+def tls_description(writer: asyncio.StreamWriter) -> dict[str, Any] | None:
+    """The protocol version, cipher and ALPN a TLS connection negotiated."""
+    obj = writer.get_extra_info("ssl_object")
+    if obj is None:
+        return None
+    cipher = obj.cipher()
+    return {"version": obj.version(), "cipher": cipher[0] if cipher else None,
+            "bits": cipher[2] if cipher else None,
+            "alpn": obj.selected_alpn_protocol()}
+
+
+class TlsConnection(Connection):
+    """The load generator's keep-alive connection, over TLS; ``tls`` describes what
+    its first handshake negotiated."""
+
+    def __init__(self, host: str, port: int, context: ssl.SSLContext) -> None:
+        super().__init__(host, port)
+        self.context = context
+        self.tls: dict[str, Any] | None = None
+
+    async def connect(self) -> None:
+        self._reader, self._writer = await asyncio.open_connection(
+            self.host, self.port, limit=_READ_LIMIT, ssl=self.context,
+            server_hostname=self.host)
+        self.opened += 1
+        if self.tls is None:
+            self.tls = tls_description(self._writer)
+
+
 async def _stop(proc: asyncio.subprocess.Process, grace: float = 5.0) -> None:
     if proc.returncode is not None:
         return
@@ -160,13 +233,14 @@ async def _wait_ready(target: Target, within: float = 30.0) -> None:
     last = "no answer"
     while time.monotonic() < deadline:
         target.check_alive()
-        conn = Connection(target.host, target.port)
+        conn = target.connection()
         try:
             resp = await asyncio.wait_for(conn.exchange(request), 2.0)
             if resp.status == 200:
                 return
             last = f"status {resp.status}"
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError) as exc:
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError,
+                ssl.SSLError) as exc:
             last = type(exc).__name__
         finally:
             conn.close()
@@ -178,7 +252,8 @@ async def _wait_ready(target: Target, within: float = 30.0) -> None:
 
 @contextlib.asynccontextmanager
 async def spawn(
-    name: str, argv: list[str], port: int, workdir: Path, *, include_children: bool = False
+    name: str, argv: list[str], port: int, workdir: Path, *, include_children: bool = False,
+    client_tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Target]:
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
@@ -187,7 +262,7 @@ async def spawn(
             stderr=asyncio.subprocess.STDOUT, cwd=workdir,
             start_new_session=True,  # a ^C in the terminal reaches us only; we stop them
         )
-    target = Target(name, port, proc, log, include_children)
+    target = Target(name, port, proc, log, include_children, client_tls)
     try:
         await _wait_ready(target)
         yield target
@@ -212,28 +287,45 @@ def simulator(
     return spawn(name, argv, port, workdir)
 
 
+def corral_config(
+    port: int, backend_url: str, *, max_concurrency: int, state: str = "memory",
+    tls: TlsFiles | None = None, usage: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The benchmark's Corral configuration (see :func:`corral`). ``tls``: every
+    address serves HTTPS with these files; ``usage``: the ledger's section, left out
+    (Corral's default) when None."""
+    config: dict[str, Any] = {
+        "listen": f"127.0.0.1:{port}",
+        "state": state,
+        "backends": [{"url": backend_url, "name": "b0", "max_concurrency": max_concurrency}],
+        "access_log": "off",
+        "queue": {"max_depth": 100000, "max_wait": "600s"},
+        "health": {"interval": "30s"},
+    }
+    if tls is not None:
+        config["tls"] = {"cert": str(tls.cert), "key": str(tls.key), "min_version": "1.2"}
+    if usage is not None:
+        config["usage"] = usage
+    return config
+
+
 def corral(
     workdir: Path, backend: Target, *, max_concurrency: int, name: str = "corral",
-    state: str = "memory",
+    state: str = "memory", tls: TlsFiles | None = None, usage: dict[str, Any] | None = None,
 ) -> contextlib.AbstractAsyncContextManager[Target]:
     """Corral with one backend whose slot cap equals the stand-in's parallelism, so
     Corral never queues what the backend could take; the queue bounds are wide enough
     that no benchmark request is refused. ``state``: memory, or a Redis URL that
     several such processes share."""
     port = free_port()
-    config = {
-        "listen": f"127.0.0.1:{port}",
-        "state": state,
-        "backends": [{"url": backend.url, "name": "b0", "max_concurrency": max_concurrency}],
-        "access_log": "off",
-        "queue": {"max_depth": 100000, "max_wait": "600s"},
-        "health": {"interval": "30s"},
-    }
+    config = corral_config(port, backend.url, max_concurrency=max_concurrency, state=state,
+                           tls=tls, usage=usage)
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     argv = [sys.executable, "-m", "corral.cli", "serve", "--config", str(path),
             "--log-level", "warning"]
-    return spawn(name, argv, port, workdir)
+    return spawn(name, argv, port, workdir,
+                 client_tls=tls.client_context() if tls is not None else None)
 
 
 @contextlib.asynccontextmanager
@@ -274,10 +366,12 @@ def nginx_binary() -> str | None:
 
 
 def nginx_config(prefix: Path, port: int, backend: Target | Sequence[Target], workers: str,
-                 balance: str = "") -> str:
+                 balance: str = "", tls: TlsFiles | None = None) -> str:
     """The proxy config an operator would write in front of Ollama: upstream keep-alive,
     no buffering either way (tokens must flow as they are produced), long read timeout.
-    ``balance`` is the upstream's method line (``least_conn``) for several backends."""
+    ``balance`` is the upstream's method line (``least_conn``) for several backends.
+    ``tls``: the listener serves HTTPS with these files, TLS 1.2 and 1.3 (what Corral's
+    ``min_version: "1.2"`` allows), nginx's other TLS settings left at their defaults."""
     targets = [backend] if isinstance(backend, Target) else list(backend)
     servers = "".join(f"        server {t.host}:{t.port};\n" for t in targets)
     method = f"        {balance};\n" if balance else ""
@@ -290,6 +384,11 @@ def nginx_config(prefix: Path, port: int, backend: Target | Sequence[Target], wo
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if nofile == resource.RLIM_INFINITY or nofile > 1 << 20:
         nofile = 1 << 20
+    ssl_flag = " ssl" if tls is not None else ""
+    ssl_lines = (f"""        ssl_certificate {tls.cert};
+        ssl_certificate_key {tls.key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+""" if tls is not None else "")
     return f"""{user}worker_processes {workers};
 worker_rlimit_nofile {nofile};
 error_log {prefix}/error.log warn;
@@ -311,8 +410,8 @@ http {{
         keepalive_requests 1000000;
     }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        keepalive_requests 1000000;
+        listen 127.0.0.1:{port}{ssl_flag} backlog=4096;
+{ssl_lines}        keepalive_requests 1000000;
         location / {{
             proxy_pass http://ollama;
             proxy_http_version 1.1;
@@ -328,7 +427,7 @@ http {{
 
 def nginx(
     workdir: Path, backend: Target | Sequence[Target], *, workers: str = "1",
-    name: str = "nginx", balance: str = "",
+    name: str = "nginx", balance: str = "", tls: TlsFiles | None = None,
 ) -> contextlib.AbstractAsyncContextManager[Target]:
     binary = nginx_binary()
     if binary is None:
@@ -337,8 +436,9 @@ def nginx(
     (prefix / "tmp").mkdir(parents=True, exist_ok=True)
     port = free_port()
     (prefix / "nginx.conf").write_text(nginx_config(prefix, port, backend, workers,
-                                                           balance))
+                                                    balance, tls))
     # -e: startup errors go to our directory too, not to the system's log.
     argv = [binary, "-p", str(prefix), "-e", str(prefix / "error.log"),
             "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"]
-    return spawn(name, argv, port, workdir, include_children=True)
+    return spawn(name, argv, port, workdir, include_children=True,
+                 client_tls=tls.client_context() if tls is not None else None)
