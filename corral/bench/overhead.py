@@ -346,62 +346,16 @@ async def run(opts: Options, workdir: Path, progress: Progress) -> dict[str, Any
 # HTTPS alike, and they report p95 too (the ledger's question is about it).
 
 
-@dataclass
-class Latency:
-    requests: int
-    errors: int
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    mean_ms: float
-    # Keep-alive legs: connections reopened (should be 0). New-connection leg: closes
-    # that did not finish within a second (should be 0).
-    reconnects: int
-    statuses: dict[int, int]
-
-
-def latency_stats(requests: int, seconds: list[float], errors: int, reconnects: int,
-                  statuses: dict[int, int]) -> Latency:
-    ms = [x * 1000 for x in seconds]
-    return Latency(
-        requests=requests, errors=errors,
-        p50_ms=load.percentile(ms, 50), p95_ms=load.percentile(ms, 95),
-        p99_ms=load.percentile(ms, 99),
-        mean_ms=sum(ms) / len(ms) if ms else float("nan"),
-        reconnects=reconnects, statuses=statuses,
-    )
-
-
-_FAILURES = (OSError, asyncio.IncompleteReadError, load.ProtocolError)
+Latency = load.LatencyResult
+latency_stats = load.latency_result
+_FAILURES = load.FAILURES
 
 
 async def sequential(target: Target, request: bytes, count: int, warmup: int = 0) -> Latency:
     """``count`` requests one after another on one keep-alive connection (TLS: one
     handshake, before the clock starts)."""
-    conn = target.connection()
-    await conn.connect()
-    statuses: Counter[int] = Counter()
-    lat: list[float] = []
-    errors = 0
-    try:
-        for _ in range(warmup):
-            await conn.exchange(request)
-        opened_before = conn.opened
-        clock = time.perf_counter
-        for _ in range(count):
-            t0 = clock()
-            try:
-                resp = await conn.exchange(request)
-            except _FAILURES:
-                errors += 1
-                continue
-            lat.append(clock() - t0)
-            statuses[resp.status] += 1
-            if resp.status != 200:
-                errors += 1
-    finally:
-        conn.close()
-    return latency_stats(count, lat, errors, conn.opened - opened_before, dict(statuses))
+    return await load.sequential(target.host, target.port, request, count, warmup,
+                                 connect=target.connection)
 
 
 async def new_connections(target: Target, request: bytes, count: int) -> Latency:
@@ -441,47 +395,8 @@ async def throughput(target: Target, request: bytes, concurrency: int, duration:
                      warmup: float = 1.0) -> load.ThroughputResult:
     """As :func:`corral.bench.load.throughput`, on the target's own kind of connection
     (TLS connections are opened, handshakes done, before the clock starts)."""
-    conns = [target.connection() for _ in range(concurrency)]
-    await asyncio.gather(*(c.connect() for c in conns))
-    clock = time.perf_counter
-    begin = clock() + warmup
-    end = begin + duration
-    statuses: Counter[int] = Counter()
-    lat: list[float] = []
-    errors = 0
-
-    async def worker(conn: load.Connection) -> None:
-        nonlocal errors
-        while True:
-            t0 = clock()
-            if t0 >= end:
-                return
-            try:
-                resp = await conn.exchange(request)
-            except _FAILURES:
-                if begin <= clock() < end:
-                    errors += 1
-                continue
-            t1 = clock()
-            if begin <= t1 < end:
-                statuses[resp.status] += 1
-                if resp.status == 200:
-                    lat.append(t1 - t0)
-                else:
-                    errors += 1
-
-    try:
-        await asyncio.gather(*(worker(c) for c in conns))
-    finally:
-        for c in conns:
-            c.close()
-    ms = [x * 1000 for x in lat]
-    return load.ThroughputResult(
-        concurrency=concurrency, seconds=duration, completed=len(lat), errors=errors,
-        rps=len(lat) / duration, p50_ms=load.percentile(ms, 50),
-        p99_ms=load.percentile(ms, 99), connections_opened=sum(c.opened for c in conns),
-        statuses=dict(statuses),
-    )
+    return await load.throughput(target.host, target.port, request, concurrency, duration,
+                                 warmup, connect=target.connection)
 
 
 async def tls_negotiated(target: Target) -> dict[str, Any] | None:
@@ -623,6 +538,23 @@ async def _measure(
 DIRECT_HTTP = "direct-http"
 CORRAL_HTTPS = "corral-https"
 NGINX_HTTPS = "nginx-https"
+# The same proxies over plain HTTP in the same run: the difference is what TLS itself
+# costs each, apart from what the proxy hop costs.
+CORRAL_HTTP = "corral-http"
+NGINX_HTTP = "nginx-http"
+
+
+def tls_cost(latency: dict[str, Any], tput: dict[str, Any], https: str,
+             http: str) -> dict[str, Any] | None:
+    """What serving HTTPS instead of plain HTTP costs one proxy: added keep-alive p50
+    and the throughput kept (HTTPS req/s ÷ plain req/s)."""
+    if https not in latency or http not in latency:
+        return None
+    return {
+        "added_p50_ms": latency[https]["p50_ms"] - latency[http]["p50_ms"],
+        "added_p95_ms": latency[https]["p95_ms"] - latency[http]["p95_ms"],
+        "throughput_kept": _ratio(tput[https]["rps"], tput[http]["rps"]),
+    }
 
 
 async def run_tls(opts: Options, workdir: Path, progress: Progress) -> dict[str, Any]:
@@ -642,9 +574,13 @@ async def run_tls(opts: Options, workdir: Path, progress: Progress) -> dict[str,
         targets[CORRAL_HTTPS] = await stack.enter_async_context(
             harness.corral(workdir, standin, max_concurrency=parallel, name=CORRAL_HTTPS,
                            tls=tls))
+        targets[CORRAL_HTTP] = await stack.enter_async_context(
+            harness.corral(workdir, standin, max_concurrency=parallel, name=CORRAL_HTTP))
         if opts.nginx:
             targets[NGINX_HTTPS] = await stack.enter_async_context(
                 harness.nginx(workdir, standin, workers="1", name=NGINX_HTTPS, tls=tls))
+            targets[NGINX_HTTP] = await stack.enter_async_context(
+                harness.nginx(workdir, standin, workers="1", name=NGINX_HTTP))
             if opts.nginx_auto:
                 targets["nginx-auto-https"] = await stack.enter_async_context(
                     harness.nginx(workdir, standin, workers="auto", name="nginx-auto-https",
@@ -660,6 +596,7 @@ async def run_tls(opts: Options, workdir: Path, progress: Progress) -> dict[str,
                 if NGINX_HTTPS in measured["latency"]
                 else {"added_latency": {"pass": None, "why": "nginx not measured"},
                       "throughput": {"pass": None, "why": "nginx not measured"}})
+    lat, tp = measured["latency"], measured["throughput"]
     return {
         "mode": "tls",
         "tls": True,
@@ -681,6 +618,10 @@ async def run_tls(opts: Options, workdir: Path, progress: Progress) -> dict[str,
         "streams": None,
         "streams_note": "the concurrent-streams leg is not run with --tls",
         "verdicts": verdicts,
+        "tls_cost": {"corral": tls_cost(lat, tp, CORRAL_HTTPS, CORRAL_HTTP),
+                     "nginx": tls_cost(lat, tp, NGINX_HTTPS, NGINX_HTTP)},
+        "plain_verdicts": (compare(lat, tp, CORRAL_HTTP, NGINX_HTTP)
+                           if NGINX_HTTP in lat else None),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -864,15 +805,15 @@ def _noise_note(console: Console, tput: dict[str, Any]) -> None:
 def render_tls(console: Console, result: dict[str, Any]) -> None:
     opts = result["options"]
     console.print(_latency_table(
-        f"HTTPS latency, {opts['requests']} requests × {opts['rounds']} round(s), one "
-        "keep-alive connection (ms, median of rounds; direct is plain HTTP)",
+        f"Latency, {opts['requests']} requests × {opts['rounds']} round(s), one "
+        "keep-alive connection (ms, median of rounds; *-https over TLS, the rest plain)",
         result["latency"]))
     console.print(_latency_table(
         f"New connection per request, {opts['handshakes']} requests × {opts['rounds']} "
-        "round(s): connect + TLS handshake + request (ms; direct: connect + request)",
+        "round(s): connect (+ TLS handshake) + request (ms)",
         result["new_connection_latency"]))
     console.print(_throughput_table(
-        f"HTTPS throughput, {opts['concurrency']} keep-alive connections in flight, "
+        f"Throughput, {opts['concurrency']} keep-alive connections in flight, "
         f"{opts['duration']:g}s × {opts['rounds']} round(s) (median of rounds)",
         result["throughput"], DIRECT_HTTP))
     _noise_note(console, result["throughput"])
@@ -901,6 +842,20 @@ def render_tls(console: Console, result: dict[str, Any]) -> None:
                   f"+{_fmt(nc['nginx_added_p50_ms'])} ms (×{_fmt(nc['ratio'], 2)})",
                   "none (information)", _verdict(None))
     console.print(t)
+    cost = result.get("tls_cost") or {}
+    plain = result.get("plain_verdicts")
+    t = Table(title="What TLS itself costs: HTTPS against plain HTTP, same proxy, same run")
+    for col in ("proxy", "added p50 ms", "added p95 ms", "throughput kept"):
+        t.add_column(col, justify="right")
+    for name, c in cost.items():
+        if c:
+            t.add_row(name, f"+{_fmt(c['added_p50_ms'])}", f"+{_fmt(c['added_p95_ms'])}",
+                      f"×{_fmt(c['throughput_kept'], 2)}")
+    console.print(t)
+    if plain:
+        al, tp = plain["added_latency"], plain["throughput"]
+        console.print(f"over plain HTTP in this run: Corral added p50 ×{_fmt(al['ratio'], 2)} "
+                      f"nginx's, throughput ×{_fmt(tp['ratio'], 2)} nginx's", highlight=False)
 
 
 def render_ledger(console: Console, result: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 class UsageStoreError(Exception):
@@ -18,8 +18,10 @@ class UsageStoreError(Exception):
     (its file or key prefix) and the cause."""
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class UsageKey:
+class UsageKey(NamedTuple):
+    """Made once per request on the request path: a named tuple hashes and compares
+    in C, about three times cheaper than a frozen dataclass."""
+
     day: str        # UTC day, YYYY-MM-DD
     client: str     # the key's name, else the client's IP
     model: str      # "" when the request named none (refused before, or not inference)
