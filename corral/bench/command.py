@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import math
 import os
 import platform
 import signal
@@ -128,14 +127,8 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:.{digits}f}"
-
-
-def _verdict(passed: bool | None) -> str:
-    return {True: "[green]PASS[/]", False: "[red]MISS[/]", None: "[dim]n/a[/]"}[passed]
+_fmt = overhead.fmt
+_verdict = overhead.verdict_cell
 
 
 def render(console: Console, result: dict[str, Any]) -> None:

@@ -185,35 +185,9 @@ async def _phase_fast(
 
         rss = {name: round(t.peak_rss_mb(), 1) for name, t in targets.items()}
 
-    latency: dict[str, dict[str, Any]] = {
-        name: {
-            "p50_ms": _median([x.p50_ms for x in rs]),
-            "p99_ms": _median([x.p99_ms for x in rs]),
-            "mean_ms": _median([x.mean_ms for x in rs]),
-            "errors": sum(x.errors for x in rs),
-            "reconnects": sum(x.reconnects for x in rs),
-            "rounds": [asdict(x) for x in rs],
-        }
-        for name, rs in latency_rounds.items()
-    }
-    direct_p50: float = latency["direct"]["p50_ms"]
-    for name, row in latency.items():
-        row["added_p50_ms"] = float(row["p50_ms"]) - direct_p50 if name != "direct" else 0.0
-    tput = {
-        name: {
-            "rps": _median([x.rps for x in rs]),
-            "p50_ms": _median([x.p50_ms for x in rs]),
-            "p99_ms": _median([x.p99_ms for x in rs]),
-            "errors": sum(x.errors for x in rs),
-            "connections_opened": max(x.connections_opened for x in rs),
-            "cpu_percent": {
-                proc: _median([c[proc] for c in cpu_rounds[name]])
-                for proc in cpu_rounds[name][0]
-            },
-            "rounds": [asdict(x) for x in rs],
-        }
-        for name, rs in tput_rounds.items()
-    }
+    latency = {name: latency_summary(rs, latency_rounds["direct"] if name != "direct" else None)
+               for name, rs in latency_rounds.items()}
+    tput = {name: throughput_summary(rs, cpu_rounds[name]) for name, rs in tput_rounds.items()}
     return latency, tput, rss
 
 
@@ -560,14 +534,15 @@ def tls_cost(latency: dict[str, Any], tput: dict[str, Any], https: str,
 async def run_tls(opts: Options, workdir: Path, progress: Progress) -> dict[str, Any]:
     """Latency, new-connection latency and throughput over HTTPS to Corral and nginx,
     both serving one throwaway CA's certificate; direct stays plain HTTP (the stand-in
-    has no TLS), so every added figure includes TLS and the proxy hop together."""
+    has no TLS), so every added figure includes TLS and the proxy hop together; the
+    same two proxies over plain HTTP run alongside, to tell those two apart."""
     harness.raise_fd_limit(65536)
     started = time.perf_counter()
     tls = harness.make_tls(workdir)
     parallel = max(64, opts.concurrency)
     async with contextlib.AsyncExitStack() as stack:
-        progress(f"starting an instant stand-in (parallel {parallel}), Corral over HTTPS"
-                 + (", nginx over HTTPS" if opts.nginx else ""))
+        progress(f"starting an instant stand-in (parallel {parallel}), Corral over HTTPS and HTTP"
+                 + (", nginx over HTTPS and HTTP" if opts.nginx else ""))
         standin = await stack.enter_async_context(
             harness.simulator(workdir, parallel=parallel, tps=None))
         targets: dict[str, Target] = {DIRECT_HTTP: standin}
@@ -757,13 +732,13 @@ async def run_ledger(opts: Options, workdir: Path, progress: Progress) -> dict[s
 # -- tables ------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
+def fmt(value: float | None, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return f"{value:.{digits}f}"
 
 
-def _verdict(passed: bool | None) -> str:
+def verdict_cell(passed: bool | None) -> str:
     return {True: "[green]PASS[/]", False: "[red]MISS[/]", None: "[dim]n/a[/]"}[passed]
 
 
@@ -772,8 +747,8 @@ def _latency_table(title: str, rows: dict[str, Any]) -> Table:
     for col in ("target", "p50", "p95", "p99", "mean", "added p50", "added p95", "errors"):
         t.add_column(col, justify="right" if col != "target" else "left")
     for name, row in rows.items():
-        t.add_row(name, _fmt(row["p50_ms"]), _fmt(row["p95_ms"]), _fmt(row["p99_ms"]),
-                  _fmt(row["mean_ms"]), _fmt(row["added_p50_ms"]), _fmt(row["added_p95_ms"]),
+        t.add_row(name, fmt(row["p50_ms"]), fmt(row["p95_ms"]), fmt(row["p99_ms"]),
+                  fmt(row["mean_ms"]), fmt(row["added_p50_ms"]), fmt(row["added_p95_ms"]),
                   str(row["errors"]))
     return t
 
@@ -790,7 +765,7 @@ def _throughput_table(title: str, rows: dict[str, Any], standin: str) -> Table:
         alone = name == standin
         parts = [f"{own:.0f}", "–" if alone else f"{cpu.get('standin', float('nan')):.0f}",
                  f"{cpu['load generator']:.0f}", f"{cpu.get('others', float('nan')):.0f}"]
-        t.add_row(name, f"{row['rps']:.0f}", _fmt(row["p50_ms"]), _fmt(row["p99_ms"]),
+        t.add_row(name, f"{row['rps']:.0f}", fmt(row["p50_ms"]), fmt(row["p99_ms"]),
                   str(row["errors"]), " / ".join(parts))
     return t
 
@@ -827,20 +802,20 @@ def render_tls(console: Console, result: dict[str, Any]) -> None:
         t.add_column(col)
     al, tp = v["added_latency"], v["throughput"]
     if al["pass"] is None:
-        t.add_row("added p50 latency", al["why"], "<= 2x nginx", _verdict(None))
-        t.add_row("throughput", tp["why"], ">= 0.8x nginx", _verdict(None))
+        t.add_row("added p50 latency", al["why"], "<= 2x nginx", verdict_cell(None))
+        t.add_row("throughput", tp["why"], ">= 0.8x nginx", verdict_cell(None))
     else:
         t.add_row("added p50 latency",
-                  f"Corral +{_fmt(al['corral_added_p50_ms'])} ms vs nginx "
-                  f"+{_fmt(al['nginx_added_p50_ms'])} ms (×{_fmt(al['ratio'], 2)})",
-                  al["target"], _verdict(al["pass"]))
+                  f"Corral +{fmt(al['corral_added_p50_ms'])} ms vs nginx "
+                  f"+{fmt(al['nginx_added_p50_ms'])} ms (×{fmt(al['ratio'], 2)})",
+                  al["target"], verdict_cell(al["pass"]))
         t.add_row("throughput", f"{tp['corral_rps']:.0f} vs {tp['nginx_rps']:.0f} req/s "
-                  f"(×{_fmt(tp['ratio'], 2)})", tp["target"], _verdict(tp["pass"]))
+                  f"(×{fmt(tp['ratio'], 2)})", tp["target"], verdict_cell(tp["pass"]))
         nc = v["new_connection_latency"]
         t.add_row("added p50, new connection each",
-                  f"Corral +{_fmt(nc['corral_added_p50_ms'])} ms vs nginx "
-                  f"+{_fmt(nc['nginx_added_p50_ms'])} ms (×{_fmt(nc['ratio'], 2)})",
-                  "none (information)", _verdict(None))
+                  f"Corral +{fmt(nc['corral_added_p50_ms'])} ms vs nginx "
+                  f"+{fmt(nc['nginx_added_p50_ms'])} ms (×{fmt(nc['ratio'], 2)})",
+                  "none (information)", verdict_cell(None))
     console.print(t)
     cost = result.get("tls_cost") or {}
     plain = result.get("plain_verdicts")
@@ -849,13 +824,13 @@ def render_tls(console: Console, result: dict[str, Any]) -> None:
         t.add_column(col, justify="right")
     for name, c in cost.items():
         if c:
-            t.add_row(name, f"+{_fmt(c['added_p50_ms'])}", f"+{_fmt(c['added_p95_ms'])}",
-                      f"×{_fmt(c['throughput_kept'], 2)}")
+            t.add_row(name, f"+{fmt(c['added_p50_ms'])}", f"+{fmt(c['added_p95_ms'])}",
+                      f"×{fmt(c['throughput_kept'], 2)}")
     console.print(t)
     if plain:
         al, tp = plain["added_latency"], plain["throughput"]
-        console.print(f"over plain HTTP in this run: Corral added p50 ×{_fmt(al['ratio'], 2)} "
-                      f"nginx's, throughput ×{_fmt(tp['ratio'], 2)} nginx's", highlight=False)
+        console.print(f"over plain HTTP in this run: Corral added p50 ×{fmt(al['ratio'], 2)} "
+                      f"nginx's, throughput ×{fmt(tp['ratio'], 2)} nginx's", highlight=False)
 
 
 def render_ledger(console: Console, result: dict[str, Any]) -> None:
@@ -876,17 +851,17 @@ def render_ledger(console: Console, result: dict[str, Any]) -> None:
     for label, key, digits in (("p50 ms", "p50_ms", 3), ("p95 ms", "p95_ms", 3),
                                ("req/s", "rps", 0)):
         row = c[key]
-        t.add_row(label, _fmt(row["median_on"], digits), _fmt(row["median_off"], digits),
+        t.add_row(label, fmt(row["median_on"], digits), fmt(row["median_off"], digits),
                   " ".join(f"{d:+.{digits}f}" for d in row["differences"]),
                   f"{row['median_difference']:+.{digits}f}",
-                  f"{_fmt(row['spread_on'], digits)} / {_fmt(row['spread_off'], digits)}",
+                  f"{fmt(row['spread_on'], digits)} / {fmt(row['spread_off'], digits)}",
                   f"{row['rounds_on_higher']}/{len(row['differences'])}",
-                  _fmt(row["sign_test_p"], 2))
+                  fmt(row["sign_test_p"], 2))
     console.print(t)
     v = c["verdict"]
     console.print(f"no measurable p50 latency from the ledger: median on − off "
                   f"{v['median_difference_ms']:+.3f} ms against a round-to-round spread of "
-                  f"{_fmt(v['noise_ms'])} ms → {_verdict(v['pass'])}"
+                  f"{fmt(v['noise_ms'])} ms → {verdict_cell(v['pass'])}"
                   + (" (needs 2 rounds or more)" if v["pass"] is None else ""))
     recorded = result["ledger"]["requests_recorded"]
     if not recorded:

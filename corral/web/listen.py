@@ -90,8 +90,9 @@ class TlsListener:
         timeout = self._timeout()
         handed_over = False
         try:
+            # No TCP_NODELAY here: aiohttp's handler sets it when the connection is
+            # handed over, as for the plain listener.
             conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             async with asyncio.timeout(timeout):
                 first = await _peek(conn)
                 if not first:
