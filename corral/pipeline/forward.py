@@ -147,12 +147,12 @@ class RelayResult:
     status: int = 0
     nbytes: int = 0
     chunks: int = 0
-    ttfb: float | None = None      # seconds from the relay's start to the first body byte
+    ttfb: float | None = None      # seconds from ``started`` to the first body byte
     tail: bytes = b""
     error: str | None = None
     client_gone: bool = False
     completed: bool = False
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)   # the request's arrival
 
 
 class Source(Protocol):

@@ -308,13 +308,15 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
         rec["retries"] = attempt
         gw.metrics.retry(backend.name)
         job.exclude |= {backend.name}
-    return await _stream(gw, request, job, backend, upstream, openai, rec)
+    return await _stream(gw, request, job, backend, upstream, openai, rec, started)
 
 
 async def _stream(gw: Gateway, request: web.BaseRequest, job: Job, backend: Backend,
                   upstream: Response, openai: bool,
-                  rec: dict[str, Any]) -> web.StreamResponse:
-    result = RelayResult()
+                  rec: dict[str, Any], arrived: float) -> web.StreamResponse:
+    # Time to first byte counts from the request's arrival, as a client sees it: queue
+    # wait, a model load and the prompt's evaluation included.
+    result = RelayResult(started=arrived)
     rec["status"] = upstream.status
     sse = upstream.content_type == "text/event-stream"
     try:

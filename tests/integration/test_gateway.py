@@ -257,3 +257,23 @@ async def test_access_log_has_one_record_per_request(fleet: Any) -> None:
     assert rec["status"] == 200 and rec["backend"] in ("b0", "b1")
     assert rec["model"] == "llama3.2" and rec["tokens_out"] > 0 and rec["bytes"] > 0
     assert rec["ttfb_ms"] is not None and rec["duration_ms"] >= rec["ttfb_ms"]
+
+
+async def test_time_to_first_byte_counts_from_the_request_s_arrival(
+        start_sim: Any, start_corral: Any) -> None:
+    # 10 tokens at 50/s: a non-streamed answer comes whole after ~200 ms; a stream's
+    # first token after ~20 ms. The access log (and so the metrics, the dashboard and
+    # the usage ledger) must say what the client waited for its first byte.
+    sim = start_sim("--models", "llama3.2:latest", "--loaded", "llama3.2:latest",
+                    "--tps", "50")
+    gw = start_corral({"backends": backends(sim)})
+    async with aiohttp.ClientSession() as s:
+        for stream in (False, True):
+            async with s.post(gw.url + "/api/generate", json={
+                    "model": "llama3.2", "prompt": "hi", "stream": stream,
+                    "options": {"num_predict": 10}}) as r:
+                assert r.status == 200
+                await r.read()
+    whole, streamed = [r for r in gw.records() if r["path"] == "/api/generate"]
+    assert 150 <= whole["ttfb_ms"] <= whole["duration_ms"]
+    assert streamed["ttfb_ms"] < streamed["duration_ms"] - 100
