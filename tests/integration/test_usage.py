@@ -161,6 +161,9 @@ async def test_each_key_reads_only_its_own_usage_and_bad_queries_say_why(
         assert status == 403 and "only its own" in body["error"]
         status, body = await _usage(s, gw, None)     # an admin key exists: no key, no view
         assert status == 401
+        # Without a key, not even whether a query is well formed.
+        status, body = await _usage(s, gw, None, "by=colour")
+        assert status == 401
         status, body = await _usage(s, gw, "sk-ops", "client=bob")
         assert status == 200 and {r["client"] for r in body["rows"]} == {"bob"}
         for query, word in (("from=2026-02-30", "from: '2026-02-30' is not a date"),
