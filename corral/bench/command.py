@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from corral.bench import failover, harness, overhead
+from corral.bench.overhead import fmt, verdict_cell
 
 _DEFAULTS = overhead.Options()
 _T = TypeVar("_T")
@@ -127,10 +128,6 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-_fmt = overhead.fmt
-_verdict = overhead.verdict_cell
-
-
 def render(console: Console, result: dict[str, Any]) -> None:
     lat, tput, streams = result["latency"], result["throughput"], result["streams"]
     opts = result["options"]
@@ -140,8 +137,8 @@ def render(console: Console, result: dict[str, Any]) -> None:
     for col in ("target", "p50", "p99", "mean", "added p50", "errors"):
         t.add_column(col, justify="right" if col != "target" else "left")
     for name, row in lat.items():
-        t.add_row(name, _fmt(row["p50_ms"]), _fmt(row["p99_ms"]), _fmt(row["mean_ms"]),
-                  _fmt(row["added_p50_ms"]), str(row["errors"]))
+        t.add_row(name, fmt(row["p50_ms"]), fmt(row["p99_ms"]), fmt(row["mean_ms"]),
+                  fmt(row["added_p50_ms"]), str(row["errors"]))
     console.print(t)
 
     t = Table(title=f"Throughput, {opts['concurrency']} in flight, {opts['duration']:g}s "
@@ -156,7 +153,7 @@ def render(console: Console, result: dict[str, Any]) -> None:
         standin = "–" if name == "direct" else f"{cpu.get('standin', float('nan')):.0f}"
         parts = [f"{own:.0f}", standin, f"{cpu['load generator']:.0f}",
                  f"{cpu.get('others', float('nan')):.0f}"]
-        t.add_row(name, f"{row['rps']:.0f}", _fmt(row["p50_ms"]), _fmt(row["p99_ms"]),
+        t.add_row(name, f"{row['rps']:.0f}", fmt(row["p50_ms"]), fmt(row["p99_ms"]),
                   str(row["errors"]), " / ".join(parts))
     console.print(t)
 
@@ -166,9 +163,9 @@ def render(console: Console, result: dict[str, Any]) -> None:
                 "failures"):
         t.add_column(col, justify="right" if col != "target" else "left")
     for name, row in streams.items():
-        t.add_row(name, f"{row['completed']}/{row['streams']}", _fmt(row["ttft_p50_ms"], 1),
-                  _fmt(row["ttft_p99_ms"], 1), _fmt(row["duration_max_ms"] / 1000, 2),
-                  f"{_fmt(row['rss_before_mb'], 0)} / {_fmt(row['peak_rss_mb'], 0)}",
+        t.add_row(name, f"{row['completed']}/{row['streams']}", fmt(row["ttft_p50_ms"], 1),
+                  fmt(row["ttft_p99_ms"], 1), fmt(row["duration_max_ms"] / 1000, 2),
+                  f"{fmt(row['rss_before_mb'], 0)} / {fmt(row['peak_rss_mb'], 0)}",
                   ", ".join(f"{k}: {v}" for k, v in row["failures"].items()) or "–")
     console.print(t)
 
@@ -182,18 +179,18 @@ def render(console: Console, result: dict[str, Any]) -> None:
     for col in ("target", "measured", "goal", "verdict"):
         t.add_column(col)
     al = v["added_latency"]
-    measured = (f"Corral +{_fmt(al['corral_added_p50_ms'])} ms vs nginx "
-                f"+{_fmt(al['nginx_added_p50_ms'])} ms (×{_fmt(al['ratio'], 2)})"
+    measured = (f"Corral +{fmt(al['corral_added_p50_ms'])} ms vs nginx "
+                f"+{fmt(al['nginx_added_p50_ms'])} ms (×{fmt(al['ratio'], 2)})"
                 if al["pass"] is not None else al["why"])
     t.add_row("added p50 latency", measured, al.get("target", "<= 2x nginx"),
-              _verdict(al["pass"]))
+              verdict_cell(al["pass"]))
     tp = v["throughput"]
     measured = (f"{tp['corral_rps']:.0f} vs {tp['nginx_rps']:.0f} req/s "
-                f"(×{_fmt(tp['ratio'], 2)})" if tp["pass"] is not None else tp["why"])
-    t.add_row("throughput", measured, tp.get("target", ">= 0.8x nginx"), _verdict(tp["pass"]))
+                f"(×{fmt(tp['ratio'], 2)})" if tp["pass"] is not None else tp["why"])
+    t.add_row("throughput", measured, tp.get("target", ">= 0.8x nginx"), verdict_cell(tp["pass"]))
     st = v["streams"]
     t.add_row("streams", f"{st['completed']}/{st['streams']} complete, peak RSS "
-              f"{_fmt(st['peak_rss_mb'], 1)} MB", st["target"], _verdict(st["pass"]))
+              f"{fmt(st['peak_rss_mb'], 1)} MB", st["target"], verdict_cell(st["pass"]))
     console.print(t)
     m = result["machine"]
     nginx_note = ""

@@ -34,6 +34,7 @@ from rich.table import Table
 
 from corral.bench import harness, load
 from corral.bench.harness import MODEL, Target
+from corral.bench.load import LatencyResult
 from corral.config import UsageConfig
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -129,7 +130,7 @@ class _CpuMeter:
 async def _phase_fast(
     opts: Options, workdir: Path, progress: Progress
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
-    """Latency and throughput against an instant stand-in with 64 parallel slots."""
+    """LatencyResult and throughput against an instant stand-in with 64 parallel slots."""
     parallel = max(64, opts.concurrency)
     async with contextlib.AsyncExitStack() as stack:
         progress(f"starting an instant stand-in (parallel {parallel}), Corral"
@@ -158,7 +159,7 @@ async def _phase_fast(
                                               opts.concurrency, 0.5, warmup=0.0))
 
         names = list(targets)
-        latency_rounds: dict[str, list[load.LatencyResult]] = {n: [] for n in names}
+        latency_rounds: dict[str, list[LatencyResult]] = {n: [] for n in names}
         for r in range(opts.rounds):
             # Rotating the order spreads any drift (thermal, other load) over all targets.
             for name in names[r % len(names):] + names[:r % len(names)]:
@@ -320,19 +321,14 @@ async def run(opts: Options, workdir: Path, progress: Progress) -> dict[str, Any
 # HTTPS alike, and they report p95 too (the ledger's question is about it).
 
 
-Latency = load.LatencyResult
-latency_stats = load.latency_result
-_FAILURES = load.FAILURES
-
-
-async def sequential(target: Target, request: bytes, count: int, warmup: int = 0) -> Latency:
+async def sequential(target: Target, request: bytes, count: int, warmup: int = 0) -> LatencyResult:
     """``count`` requests one after another on one keep-alive connection (TLS: one
     handshake, before the clock starts)."""
     return await load.sequential(target.host, target.port, request, count, warmup,
                                  connect=target.connection)
 
 
-async def new_connections(target: Target, request: bytes, count: int) -> Latency:
+async def new_connections(target: Target, request: bytes, count: int) -> LatencyResult:
     """``count`` requests, each on a connection of its own: connect (and handshake),
     send, read the answer — that is the time measured; the close comes after."""
     statuses: Counter[int] = Counter()
@@ -346,7 +342,7 @@ async def new_connections(target: Target, request: bytes, count: int) -> Latency
             reader, writer = await target.open()
             writer.write(request)
             resp = await load.read_response(reader)
-        except _FAILURES:
+        except load.FAILURES:
             errors += 1
             if writer is not None:
                 writer.close()
@@ -362,7 +358,7 @@ async def new_connections(target: Target, request: bytes, count: int) -> Latency
             slow_closes += 1
         except OSError:
             pass
-    return latency_stats(count, lat, errors, slow_closes, dict(statuses))
+    return load.latency_result(count, lat, errors, slow_closes, dict(statuses))
 
 
 async def throughput(target: Target, request: bytes, concurrency: int, duration: float,
@@ -389,7 +385,8 @@ def rotation(names: list[str], r: int) -> list[str]:
     return names[k:] + names[:k]
 
 
-def latency_summary(rounds: list[Latency], direct: list[Latency] | None) -> dict[str, Any]:
+def latency_summary(rounds: list[LatencyResult],
+                    direct: list[LatencyResult] | None) -> dict[str, Any]:
     """Medians of the rounds; ``added_*`` against the direct target's medians."""
     row: dict[str, Any] = {
         "p50_ms": _median([x.p50_ms for x in rounds]),
@@ -466,8 +463,8 @@ async def _measure(
         await _checked(t, throughput(t, request_for(t), opts.concurrency, 0.5, warmup=0.0))
 
     names = list(targets)
-    lat: dict[str, list[Latency]] = {n: [] for n in names}
-    fresh: dict[str, list[Latency]] = {n: [] for n in names}
+    lat: dict[str, list[LatencyResult]] = {n: [] for n in names}
+    fresh: dict[str, list[LatencyResult]] = {n: [] for n in names}
     for r in range(opts.rounds):
         for name in order(r):
             t = targets[name]
@@ -532,7 +529,7 @@ def tls_cost(latency: dict[str, Any], tput: dict[str, Any], https: str,
 
 
 async def run_tls(opts: Options, workdir: Path, progress: Progress) -> dict[str, Any]:
-    """Latency, new-connection latency and throughput over HTTPS to Corral and nginx,
+    """LatencyResult, new-connection latency and throughput over HTTPS to Corral and nginx,
     both serving one throwaway CA's certificate; direct stays plain HTTP (the stand-in
     has no TLS), so every added figure includes TLS and the proxy hop together; the
     same two proxies over plain HTTP run alongside, to tell those two apart."""
@@ -654,7 +651,7 @@ def paired(on: list[float], off: list[float]) -> dict[str, Any]:
     }
 
 
-def ledger_summary(lat: dict[str, list[Latency]],
+def ledger_summary(lat: dict[str, list[LatencyResult]],
                    tput: dict[str, list[load.ThroughputResult]]) -> dict[str, Any]:
     """p50 and p95 of the sequential leg and requests/s of the throughput leg, ledger
     on against off, paired by round; the verdict is the issue's "no measurable

@@ -148,7 +148,7 @@ async def proxy_one(gw: Gateway, request: web.BaseRequest, backend: Backend | No
     except UpstreamFailure as failure:
         gw.scheduler.failed(backend, failure.kind)
         return error_response(failure.status, str(failure), openai)
-    result = RelayResult()
+    result = RelayResult(started=time.monotonic())
     try:
         return await relay(request, AiohttpSource(upstream), result,
                            upstream.content_type == "text/event-stream")

@@ -12,7 +12,7 @@ Invariants kept here:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
@@ -144,6 +144,9 @@ async def open_upstream(session: aiohttp.ClientSession, backend: Backend, method
 
 @dataclass(slots=True)
 class RelayResult:
+    # The request's arrival (monotonic): time to first byte counts from it, as the
+    # client waits, so every caller must say when that was.
+    started: float
     status: int = 0
     nbytes: int = 0
     chunks: int = 0
@@ -152,7 +155,6 @@ class RelayResult:
     error: str | None = None
     client_gone: bool = False
     completed: bool = False
-    started: float = field(default_factory=time.monotonic)   # the request's arrival
 
 
 class Source(Protocol):

@@ -314,8 +314,7 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
 async def _stream(gw: Gateway, request: web.BaseRequest, job: Job, backend: Backend,
                   upstream: Response, openai: bool,
                   rec: dict[str, Any], arrived: float) -> web.StreamResponse:
-    # Time to first byte counts from the request's arrival, as a client sees it: queue
-    # wait, a model load and the prompt's evaluation included.
+    # Queue wait, a model load and the prompt's evaluation are in the first byte's time.
     result = RelayResult(started=arrived)
     rec["status"] = upstream.status
     sse = upstream.content_type == "text/event-stream"

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from corral.bench import harness, load, overhead
 from corral.bench.command import bench_command
-from corral.bench.overhead import LEDGER_OFF, LEDGER_ON, Latency
+from corral.bench.load import LatencyResult as Latency
+from corral.bench.overhead import LEDGER_OFF, LEDGER_ON
 from corral.config import load_settings_text
 
 
@@ -156,10 +157,10 @@ def _lat(p50: float, p95: float | None = None) -> Latency:
 
 
 def test_latency_stats() -> None:
-    res = overhead.latency_stats(100, [i / 1000 for i in range(1, 101)], 1, 0, {200: 99})
+    res = load.latency_result(100, [i / 1000 for i in range(1, 101)], 1, 0, {200: 99})
     assert (res.p50_ms, res.p95_ms, res.p99_ms) == (50.0, 95.0, 99.0)
     assert res.mean_ms == pytest.approx(50.5)
-    empty = overhead.latency_stats(3, [], 3, 0, {})
+    empty = load.latency_result(3, [], 3, 0, {})
     assert empty.errors == 3 and empty.p50_ms != empty.p50_ms       # NaN
 
 
