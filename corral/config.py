@@ -317,8 +317,13 @@ class QueueConfig(_Model):
     @field_validator("slot_lease")
     @classmethod
     def _slot_lease(cls, value: float) -> float:
-        if not 1.0 <= value <= 300.0:
-            raise ValueError(f"must be between 1s and 5m, not {value:g}s")
+        # Leases are renewed once a second: a lease shorter than three renewals would
+        # lapse under a running request in normal operation.
+        if value < 3.0:
+            raise ValueError(f"must be at least 3s (three renewal intervals of 1s), "
+                             f"not {value:g}s")
+        if value > 300.0:
+            raise ValueError(f"must be at most 5m, not {value:g}s")
         return value
 
 

@@ -10,8 +10,11 @@ takes the slot for the job and tells its replica.
 
 Leadership is a lease in the store that the leader keeps renewing; when it lapses
 (the leader died or lost the store) another replica takes over and rebuilds the
-queue from the shared ``waiting`` set. Fair-share counters start over at that moment
-(returning clients are lifted to the least-served waiting one, as always).
+queue from the shared ``waiting`` set, in the jobs' arrival order (each job's arrival
+time is stored with it: I4 of ``protocol.py``). Fair-share counters start over at
+that moment (returning clients are lifted to the least-served waiting one, as
+always). A job is charged once per grant made, and refunded when the grant finds it
+gone or its backend full (I5).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import orjson
 from corral.backends.backend import Backend
 from corral.scheduler.placement import Action, Placement
 from corral.scheduler.queues import Job, JobQueue, Priority
-from corral.scheduler.shared.store import GrantCall, SlotStore, SlotStoreError
+from corral.scheduler.shared.store import EpochChanged, GrantCall, SlotStore, SlotStoreError
 from corral.scheduler.slots import Scheduler, _Waiter
 
 if TYPE_CHECKING:
@@ -74,6 +77,16 @@ class RemoteRun:
             return None
         return cls(lease, backend, parts[0], Priority(int(parts[1])), int(parts[2]),
                    int(parts[3]))
+
+
+def arrival(descriptor: bytes) -> tuple[bool, int]:
+    """Where a job goes when a queue is rebuilt: those sent to the front of their
+    class first, then by arrival time."""
+    try:
+        d = orjson.loads(descriptor)
+        return (not bool(d.get("front"))), int(d.get("at", 0))
+    except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError):
+        return True, 0
 
 
 def rebuild(descriptor: bytes) -> tuple[Job, str, bool]:
@@ -223,7 +236,8 @@ class Leader:
         alive = await self.store.replicas()
         for job_id in [j for j in self.jobs if j not in waiting]:
             self._forget(job_id)
-        for job_id, descriptor in waiting.items():
+        # In arrival order, not the store's: first come stays first served (I4).
+        for job_id, descriptor in sorted(waiting.items(), key=lambda kv: arrival(kv[1])):
             if job_id in self.jobs:
                 continue
             job, replica, front = rebuild(descriptor)
@@ -279,6 +293,12 @@ class Leader:
             self._wake.clear()
             try:
                 await self._pass()
+            except EpochChanged as changed:
+                # The store lost its data: this replica records what runs again (and
+                # rebuilds this queue) before the next pass.
+                with contextlib.suppress(SlotStoreError, EpochChanged):
+                    await self.owner._rejoin(changed.epoch)
+                self.kick()
             except SlotStoreError as exc:
                 log.debug("leader pass failed: %s", exc)
                 await asyncio.sleep(0.2)
@@ -301,6 +321,12 @@ class Leader:
         self._grants = []
         self.dispatcher.dispatch()
         if self._grants and await self._make_grants(self._grants):
+            # Some slot was taken meanwhile, or the store is in a grace period after
+            # it lost its data (no slot is given until every replica has recorded
+            # what it runs): try again then, not in a busy loop.
+            grace_ms = await self.store.grace() - int(time.time() * 1000)
+            if grace_ms > 0:
+                await asyncio.sleep(min(grace_ms / 1000, 5.0))
             self.kick()
 
     def _stop(self, run: RemoteRun) -> None:
@@ -340,11 +366,13 @@ class Leader:
             if outcome == 1:
                 backend.in_flight = used
                 self._forget_granted(job_id, job)
-            elif outcome == 0:              # it left the queue meanwhile
+            elif outcome == 0:              # it left the queue meanwhile: not charged
                 backend.in_flight = max(0, backend.in_flight - 1)
+                self.queue.charge(job, -job.cost)
                 self._forget_granted(job_id, job)
-            else:                           # full after all: back to the front
-                backend.in_flight = used
+            else:                           # full after all: back to the front,
+                backend.in_flight = used    # charged again when it is granted
+                self.queue.charge(job, -job.cost)
                 self.dispatcher.enqueue(job, front=True)
                 retry = True
         return retry

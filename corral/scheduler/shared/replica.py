@@ -34,10 +34,12 @@ from corral.pipeline.route import Router
 from corral.scheduler.placement import Placement
 from corral.scheduler.queues import Job, JobQueue
 from corral.scheduler.shared.leader import Leader, describe, stoppable_text
+from corral.scheduler.shared.protocol import outage_limit
 from corral.scheduler.shared.store import (
     FLEET,
     LEADER,
     Acquisition,
+    EpochChanged,
     Grant,
     Release,
     Released,
@@ -66,12 +68,8 @@ class _ModeChanged(Exception):
     """The shared store went away or came back: the job asks again, the other way."""
 
 
-def share(slots: int, replicas: int, rank: int) -> int:
-    """This replica's part of a backend's slots while the shared store is away: the
-    slots divided among the replicas it last saw, the remainder to the first ranks,
-    so that together they never exceed the backend's slots."""
-    replicas = max(replicas, 1)
-    return slots // replicas + (1 if rank < slots % replicas else 0)
+RENEW_INTERVAL_S = 1.0     # how often this replica talks to the store at the least
+                           # (heartbeat, renewals): a lease lasts three of them at least
 
 
 @dataclass(slots=True)
@@ -79,6 +77,7 @@ class _Pending:
     job: Job
     future: asyncio.Future[Grant]
     since: float
+    descriptor: bytes = b""          # as queued: queued again after the store lost it
 
 
 class SharedScheduler(Scheduler):
@@ -96,7 +95,15 @@ class SharedScheduler(Scheduler):
         self.local = False          # carrying on alone
         self.outage = False
         self.outages = 0
-        self._caps: dict[int, int] = {}      # backend id -> its slots, while local
+        self._caps: dict[int, int] = {}      # backend id -> its configured slots, while local
+        # As the store last said: each backend's use, and the replicas sharing it
+        # (those listed for a full renewal interval, so every replica lists them too).
+        self._used: dict[str, int] = {}
+        self._members: list[str] = []
+        self._joined = clock()
+        self._rejoining: asyncio.Task[None] | None = None
+        self._unreleased: list[Release] = []   # releases the store did not confirm
+        self.rejoins = 0
         self._alone: dict[int, Job] = {}     # jobs started while local, by seq
         self.replica = replica
         self.lease_ms = lease_ms
@@ -172,6 +179,9 @@ class SharedScheduler(Scheduler):
                 return await self._acquire_shared(job, front)
             except _ModeChanged:
                 continue
+            except EpochChanged as changed:
+                await self._rejoin(changed.epoch)
+                continue
             except StoreUnavailable as exc:
                 self._store_down(exc)
                 if self.on_store_error == "deny":
@@ -191,9 +201,10 @@ class SharedScheduler(Scheduler):
             # slots this replica freed just before are free in the store first (or
             # a keep-alive client's next request would queue behind its previous one).
             now_ms = int(time.time() * 1000)
+            descriptor = describe(job, self.replica, front, now_ms)
             taken = await self._batch(Acquisition(
                 [(b.name, b.max_concurrency) for b in candidates], lease, self.lease_ms,
-                job_id, describe(job, self.replica, front, now_ms), job.client, charge,
+                job_id, descriptor, job.client, charge,
                 stoppable_text(job, self.replica, now_ms) if job.preemptible else ""))
             assert isinstance(taken, Taken)
         except SlotStoreError as exc:
@@ -202,6 +213,7 @@ class SharedScheduler(Scheduler):
         if taken.index is not None:
             backend = candidates[taken.index]
             backend.in_flight = taken.used - 1
+            self._used[backend.name] = taken.used
             self._take(job, backend, lease, "resident", now)
             return backend
         self.waiting_total = taken.used
@@ -211,11 +223,11 @@ class SharedScheduler(Scheduler):
                             retry_after=max(1, int(self.max_wait / 4)))
         if self.leader is not None:
             self.leader.kick()
-        return await self._await_grant(job, job_id)
+        return await self._await_grant(job, job_id, descriptor)
 
-    async def _await_grant(self, job: Job, job_id: str) -> Backend:
+    async def _await_grant(self, job: Job, job_id: str, descriptor: bytes) -> Backend:
         loop = asyncio.get_running_loop()
-        pending = _Pending(job, loop.create_future(), self.clock())
+        pending = _Pending(job, loop.create_future(), self.clock(), descriptor)
         self._pending[job_id] = pending
         job.enqueued_at = pending.since
         grant: Grant | None = None
@@ -244,8 +256,12 @@ class SharedScheduler(Scheduler):
 
     async def _withdraw(self, job_id: str) -> None:
         try:
-            left = await self.store.cancel(job_id)
-        except SlotStoreError:
+            try:
+                left = await self.store.cancel(job_id)
+            except EpochChanged as changed:
+                await self._rejoin(changed.epoch)
+                left = await self.store.cancel(job_id)
+        except (SlotStoreError, EpochChanged):
             return             # its lease, if any, lapses by itself
         if left.grant is not None:
             await self._give_back(left.grant.backend, left.grant.lease, job_id, "", 0.0)
@@ -277,47 +293,86 @@ class SharedScheduler(Scheduler):
             log.warning("shared slot store unavailable (%s): requests get 503 until it is "
                         "back", exc)
             return
-        mine = sorted(self.replicas) if self.replica in self.replicas else [self.replica]
-        rank, count = mine.index(self.replica), len(mine)
         log.warning("shared slot store unavailable (%s): this replica carries on alone with "
-                    "its share of each backend's slots (1/%d) until it is back", exc, count)
-        self._go_local(count, rank)
+                    "the slots its requests hold and its part of those free (%d replica(s) "
+                    "sharing them) until it is back", exc, max(len(self._members), 1))
+        self._go_local()
 
-    def _go_local(self, replicas: int, rank: int) -> None:
+    def _members_now(self) -> list[str]:
+        """The replicas that share the free slots during an outage: those the store
+        listed at the last heartbeat. This replica counts itself only once it has
+        been listed for two renewal intervals — by then every other replica has read
+        the list with it in — so no two views give out the same free slot."""
+        members = [r for r in self._members if r != self.replica]
+        if self.replica in self._members and (
+                self.clock() - self._joined >= 2 * RENEW_INTERVAL_S or len(members) == 0):
+            members.append(self.replica)
+        return sorted(members)
+
+    def _local_limit(self, b: Backend, held: int) -> int:
+        cap = self._caps.get(id(b), b.max_concurrency)
+        members = self._members_now()
+        if members == [self.replica]:
+            return cap                      # alone: all of it
+        return outage_limit(cap, held, self._used.get(b.name, held), members, self.replica)
+
+    def _go_local(self) -> None:
         self.local = True
         running: dict[int, int] = {}
         for job in self._held.values():
             if job.backend is not None:
                 running[id(job.backend)] = running.get(id(job.backend), 0) + 1
         for b in self.fleet.backends:
-            self._caps[id(b)] = b.max_concurrency
-            b.max_concurrency = share(b.max_concurrency, replicas, rank)
-            b.in_flight = running.get(id(b), 0)          # what runs here, now
+            # The configured slots are kept once, whatever the outages in between (a
+            # store that flaps must not save a reduced limit as the original).
+            self._caps.setdefault(id(b), b.max_concurrency)
+            held = running.get(id(b), 0)
+            b.max_concurrency = self._local_limit(b, held)
+            b.in_flight = held                          # what runs here, now
         # Jobs waiting for a grant ask again, in the local queue.
         for pending in list(self._pending.values()):
             if not pending.future.done():
                 pending.future.set_exception(_ModeChanged())
 
+    def set_backends(self, backends: list[Backend],
+                     max_models: dict[str, int | None] | None = None) -> None:
+        if self.local:
+            # A reload during an outage: the new slots are the configured ones (kept
+            # for when the store is back); the local limit follows them.
+            for b in backends:
+                self._caps[id(b)] = b.max_concurrency
+                b.max_concurrency = self._local_limit(b, b.in_flight)
+        super().set_backends(backends, max_models)
+
     async def _store_back(self) -> None:
         if not self.outage:
             return
-        self.outage = False
         if not self.local:
+            self.outage = False
+            await self._flush_releases()
             log.warning("shared slot store is back")
             return
         # Requests that run at the backends — started alone, or before the outage with
         # a lease that may be gone — are recorded as they are, then slots are shared.
         for job in self._alone.values():
-            if job.backend is not None:
+            if job.backend is not None and not job.lease:
                 job.lease = f"{self.job_id(job)}.{next(self._attempts)}"
                 self._held[job.lease] = job
-        self._alone.clear()
         running = [(j.backend.name, lease) for lease, j in self._held.items()
                    if j.backend is not None]
-        await self.store.adopt(running, self.lease_ms)
+        try:
+            await self.store.adopt(running, self.lease_ms)
+        except EpochChanged as changed:
+            await self._rejoin(changed.epoch)
+        # Only now is the outage over: should the store fail again before this point,
+        # the configured slots are still those kept in _caps.
+        self._alone.clear()
+        self.outage = False
         for b in self.fleet.backends:
             b.max_concurrency = self._caps.pop(id(b), b.max_concurrency)
+        self._caps.clear()
         self.local = False
+        await self._flush_releases()
         # Jobs waiting here alone join the shared queue.
         for waiter in list(self._waiters.values()):
             if self.queue.remove(waiter.job):
@@ -327,6 +382,53 @@ class SharedScheduler(Scheduler):
                 waiter.future.set_exception(_ModeChanged())
         log.warning("shared slot store is back: %d running request(s) recorded there; "
                     "slots are shared again", len(running))
+
+    async def _flush_releases(self) -> None:
+        """Releases the store did not confirm go again (by lease, so once): the slots
+        come back now rather than when their leases lapse."""
+        pending, self._unreleased = self._unreleased, []
+        if pending:
+            for r in pending:
+                self._give_back_later(r.backend, r.lease, r.job_id, r.client, r.correction)
+
+    async def _release_after_rejoin(self, release: Release, epoch: str) -> None:
+        try:
+            await self._rejoin(epoch)
+        except (SlotStoreError, EpochChanged):
+            self._unreleased.append(release)
+            return
+        self._give_back_later(release.backend, release.lease, release.job_id, release.client,
+                              release.correction)
+
+    async def _rejoin(self, epoch: str) -> None:
+        """The store is not the one this replica knew (it restarted without its data,
+        or failed over): record what runs here, and queue again what waits here,
+        before anything else is asked. One at a time; callers that meet the same new
+        epoch wait for the first one."""
+        while self.store.epoch != epoch:
+            if self._rejoining is None or self._rejoining.done():
+                self._rejoining = asyncio.get_running_loop().create_task(
+                    self._record_again(epoch))
+            task = self._rejoining
+            await asyncio.shield(task)
+            if task.exception() is None:
+                return
+
+    async def _record_again(self, epoch: str) -> None:
+        running = [(j.backend.name, lease) for lease, j in self._held.items()
+                   if j.backend is not None]
+        await self.store.adopt(running, self.lease_ms, epoch=epoch)
+        self.rejoins += 1
+        for job_id, pending in list(self._pending.items()):
+            if pending.future.done() or not pending.descriptor:
+                continue
+            await self.store.acquire([], f"{job_id}.{next(self._attempts)}", self.lease_ms,
+                                     job_id, pending.descriptor)
+        log.warning("the shared slot store lost its data (new epoch %s): %d running "
+                    "request(s) and %d waiting job(s) recorded again", epoch, len(running),
+                    len(self._pending))
+        if self.leader is not None:
+            await self.leader.resync()
 
     def _grant(self, job: Job, placement: Placement, now: float,
                transfer: bool = False, load: bool | None = None) -> None:
@@ -361,15 +463,25 @@ class SharedScheduler(Scheduler):
     def _give_back_later(self, backend: str, lease: str, job_id: str, client: str,
                          correction: float) -> None:
         """Off the request's path: its client has its answer already."""
-        done = self._submit(Release(backend, lease, job_id, client, correction))
-        done.add_done_callback(lambda f: self._released_later(backend, f))
+        release = Release(backend, lease, job_id, client, correction)
+        done = self._submit(release)
+        done.add_done_callback(lambda f: self._released_later(release, f))
 
-    def _released_later(self, backend: str, future: asyncio.Future[Taken | Released]) -> None:
+    def _released_later(self, release: Release,
+                        future: asyncio.Future[Taken | Released]) -> None:
+        backend = release.backend
         if future.cancelled():
             return
         exc = future.exception()
+        if isinstance(exc, EpochChanged):
+            # Sent again once this replica has rejoined (it may have recorded the
+            # lease again meanwhile); by lease, so at most once.
+            self._spawn(self._release_after_rejoin(release, exc.epoch))
+            return
         if exc is not None:
-            log.debug("release on %s not recorded (%s): its lease lapses", backend, exc)
+            # Sent again once the store is back (by lease, so at most once).
+            log.debug("release on %s not recorded (%s): sent again later", backend, exc)
+            self._unreleased.append(release)
             return
         result = future.result()
         if isinstance(result, Released):
@@ -411,14 +523,18 @@ class SharedScheduler(Scheduler):
                          correction: float) -> None:
         try:
             done = await self.store.release(backend, lease, job_id, client, correction)
+        except EpochChanged:
+            return         # the store lost the lease with its data: nothing to free
         except SlotStoreError as exc:
-            log.debug("release of %s not recorded (%s): its lease lapses", lease, exc)
+            log.debug("release of %s not recorded (%s): sent again later", lease, exc)
+            self._unreleased.append(Release(backend, lease, job_id, client, correction))
             return
         self._released(backend, done)
 
     def _released(self, backend: str, done: Released) -> None:
         b = self.fleet.backend(backend)
-        if b is not None:
+        self._used[backend] = done.used
+        if b is not None and not self.local:
             b.in_flight = done.used
         if not done.released:
             self.late_releases += 1
@@ -537,17 +653,24 @@ class SharedScheduler(Scheduler):
                 pending.future.set_result(grant)
 
     async def _keep(self) -> None:
-        """Once a second: heartbeat, leadership, renewals of running leases, grants
-        whose message was lost."""
-        renew_every = max(self.lease_ms / 3000, 0.1)
+        """Once a renewal interval: heartbeat (which tells the store's epoch),
+        leadership, renewals of running leases, grants whose message was lost."""
+        renew_every = max(self.lease_ms / 3000, RENEW_INTERVAL_S)
         last_renew = -math.inf
         ticks = 0
         while True:
             try:
-                await self.store.heartbeat(self.replica, self.info(), self.leader_ms)
+                # A replica is alive as long as its leases would be: its heartbeat
+                # lasts one lease.
+                epoch = await self.store.heartbeat(self.replica, self.info(), self.lease_ms)
+                if epoch.name != self.store.epoch:
+                    await self._rejoin(epoch.name)
                 await self._store_back()
-                self.replicas = {r: decode_info(raw)
-                                 for r, raw in (await self.store.replicas()).items()}
+                alive = await self.store.replicas()
+                self.replicas = {r: decode_info(raw) for r, raw in alive.items()}
+                if self.replica not in self._members and self.replica in alive:
+                    self._joined = self.clock()
+                self._members = sorted(alive)
                 self.replicas.setdefault(self.replica, {})
                 self._compare_configs()
                 self.fleet.adopt_remote(
@@ -564,12 +687,16 @@ class SharedScheduler(Scheduler):
                 if self.leader is not None and ticks % 3 == 0:
                     # Jobs queued through a replica that died wait for nobody.
                     await self.leader.resync()
+                    await self.store.sweep(list(alive))
+            except EpochChanged as changed:
+                with contextlib.suppress(SlotStoreError, EpochChanged):
+                    await self._rejoin(changed.epoch)
             except SlotStoreError as exc:
                 self._store_down(exc)
                 if self.leader is not None:
                     await self.leader.stop()     # a new one is elected once it is back
                     self.leader = None
-            await asyncio.sleep(min(self.leader_ms / 3000, 1.0))
+            await asyncio.sleep(RENEW_INTERVAL_S)
 
     def _compare_configs(self) -> None:
         """Replicas on one store must run one configuration, or they do not enforce
@@ -595,6 +722,7 @@ class SharedScheduler(Scheduler):
         counts, waiting = await self.store.counts([b.name for b in backends])
         for b, n in zip(backends, counts, strict=True):
             b.in_flight = n
+            self._used[b.name] = n
         self.waiting_total = waiting
 
     async def _elect(self) -> None:
@@ -617,12 +745,12 @@ class SharedScheduler(Scheduler):
         if not held:
             return
         for i in await self.store.renew(held, self.lease_ms):
+            # Lapsed in a pause longer than the lease: the store has recorded it again
+            # (the request runs at the backend whatever the counts said meanwhile).
             self.leases_lost += 1
-            backend, lease = held[i]
-            self._held.pop(lease, None)
-            log.warning("the lease of a request running on %s lapsed before it was renewed "
-                        "(a pause longer than %gs?): its slot may be in use twice until it "
-                        "ends", backend, self.lease_ms / 1000)
+            log.warning("the lease of a request running on %s had lapsed (a pause longer "
+                        "than %gs?): recorded again; the backend takes no new request "
+                        "until it is under its slots", held[i][0], self.lease_ms / 1000)
 
     def replication(self) -> dict[str, object] | None:
         leader = self.leader
@@ -631,6 +759,7 @@ class SharedScheduler(Scheduler):
                 "waiting": len(leader.jobs) if leader is not None else self.waiting_total,
                 "leases_held": len(self._held), "late_releases": self.late_releases,
                 "leases_lost": self.leases_lost, "lease_s": self.lease_ms / 1000,
+                "epoch": self.store.epoch, "rejoins": self.rejoins,
                 "store": "unavailable" if self.outage else "ok", "outages": self.outages,
                 "alone": self.local, "on_store_error": self.on_store_error,
                 "config": decode_info(self.info()).get("config"),

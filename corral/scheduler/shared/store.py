@@ -12,19 +12,26 @@ One atomic operation per step of a slot's life, the same on every store:
 - ``grant`` — the leader gives a waiting job a slot; the job's replica is told.
 - ``cancel`` — a job leaves the queue (its client left, it timed out), or learns the
   slot it was granted meanwhile.
-- ``renew`` — leases of requests still running are extended; lost ones are named.
-- ``adopt`` — leases of requests that started while the store was away are recorded
-  as they are (they run at the backend whatever the counts say).
-- ``counts`` — each backend's use and the number of jobs waiting.
+- ``renew`` — leases of requests still running are extended; lost ones (lapsed in a
+  pause) are recorded again and named — never dropped: the request still runs.
+- ``adopt`` — leases of requests that started while the store was away, or that ran
+  when it lost its data, are recorded as they are (under the new epoch).
+- ``counts`` / ``grace`` — each backend's use and the number of jobs waiting; the end
+  of the grace period after the store lost its data.
+- ``sweep`` — the leader's housekeeping (entries of leases and replicas gone).
 - ``lead`` / ``resign`` — one replica at a time orders the queue (a lease on
   leadership, kept by calling ``lead`` again before it lapses).
 - ``heartbeat`` / ``replicas`` — each replica says it is alive (with what it is) and
-  is forgotten once it stops; the leader drops the waiting jobs of replicas gone.
+  learns the store's epoch; it is forgotten once it stops; the leader drops the
+  waiting jobs of replicas gone.
 - ``stoppable`` / ``tell`` — the preemptible requests running (registered as they
   take a slot, gone with the release), and a word to one replica (``preempt <lease>``).
 - ``charges`` — fair-share service charged by replicas on their own (a slot taken
   without the leader; the correction once a request's real token counts are known),
   taken in by the leader; ``acquire`` and ``release`` record them at no extra cost.
+
+The rules every store follows — epochs, operation ids, grace periods, and the
+invariants they keep — are written, and run, in ``protocol.py``.
 
 Notifications go to channels: ``leader`` (``enq <job>``, ``rel <backend>``,
 ``cancel <job>``), ``replica:<id>`` (``grant <job> <backend> <lease> <placement>``) and
@@ -36,28 +43,36 @@ replica.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
-LEADER = "leader"
-FLEET = "fleet"      # loads the leader decided (``load <backend> <model> <num_ctx>``) and
-                     # loads that finished (``ready …``): every replica's residency view
+from corral.scheduler.shared.protocol import (
+    FLEET,
+    LEADER,
+    Cancelled,
+    Epoch,
+    EpochChanged,
+    Grant,
+    Published,
+    Released,
+    SlotState,
+    Taken,
+    replica_channel,
+)
 
+__all__ = ["FLEET", "LEADER", "Acquisition", "Cancelled", "Epoch", "EpochChanged", "Grant",
+           "GrantCall", "MemorySlotStore", "Release", "Released", "SlotStore",
+           "SlotStoreError", "Taken", "replica_channel"]
 
-def replica_channel(replica: str) -> str:
-    return f"replica:{replica}"
+DEFAULT_GRACE_MS = 3_000     # three renewal intervals: every live replica talks to the
+                             # store within it and records what it runs
 
 
 class SlotStoreError(Exception):
     """The shared store could not be reached or answered an error."""
-
-
-@dataclass(frozen=True, slots=True)
-class Taken:
-    index: int | None      # the backend taken (0-based, in the order given); None: queued
-    used: int              # its slots in use now (or, queued, the jobs waiting)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,35 +116,14 @@ class Release:
     correction: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class Released:
-    released: bool         # False: the lease had lapsed and the slot was taken back
-    used: int
-    waiting: int
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    backend: str
-    lease: str
-    placement: str        # "resident" or "load"
-
-    def text(self) -> str:
-        return f"{self.backend} {self.lease} {self.placement}"
-
-    @classmethod
-    def parse(cls, text: str) -> Grant:
-        backend, lease, placement = text.split(" ", 2)
-        return cls(backend, lease, placement)
-
-
-@dataclass(frozen=True, slots=True)
-class Cancelled:
-    state: Literal["left", "granted", "unknown"]
-    grant: Grant | None = None    # granted: the slot it had been given meanwhile
-
-
 class SlotStore(Protocol):
+    """One replica's handle on the store. It knows the epoch its replica last learnt
+    (``epoch``, set by ``heartbeat`` and ``adopt``) and sends it with every operation
+    that changes slots; such an operation raises :class:`EpochChanged` when the store
+    is not the one its replica knew."""
+
+    epoch: str
+
     async def acquire(self, backends: Sequence[tuple[str, int]], lease: str, ttl_ms: int,
                       job_id: str, descriptor: bytes | None, client: str = "",
                       charge: float = 0.0, stoppable: str = "") -> Taken: ...
@@ -157,9 +151,12 @@ class SlotStore(Protocol):
 
     async def renew(self, leases: Sequence[tuple[str, str]], ttl_ms: int) -> list[int]: ...
 
-    async def adopt(self, leases: Sequence[tuple[str, str]], ttl_ms: int) -> None: ...
+    async def adopt(self, leases: Sequence[tuple[str, str]], ttl_ms: int,
+                    epoch: str | None = None) -> None: ...
 
     async def counts(self, backends: Sequence[str]) -> tuple[list[int], int]: ...
+
+    async def grace(self) -> int: ...
 
     async def waiting(self) -> dict[str, bytes]: ...
 
@@ -171,9 +168,11 @@ class SlotStore(Protocol):
 
     async def charges(self) -> dict[str, float]: ...
 
+    async def sweep(self, alive: Sequence[str]) -> int: ...
+
     async def announce(self, message: str) -> None: ...
 
-    async def heartbeat(self, replica: str, info: bytes, ttl_ms: int) -> None: ...
+    async def heartbeat(self, replica: str, info: bytes, ttl_ms: int) -> Epoch: ...
 
     async def replicas(self) -> dict[str, bytes]: ...
 
@@ -197,61 +196,51 @@ class _Bus:
                 queue.put_nowait((channel, message))
 
 
+_handles = itertools.count()
+
+
 class MemorySlotStore:
-    """:class:`SlotStore` in the process; ``clock`` gives milliseconds."""
+    """:class:`SlotStore` in the process: the protocol's :class:`SlotState` as it is.
+    Several handles may share one state and bus (``share``), as replicas share Redis;
+    ``clock`` gives milliseconds."""
 
-    def __init__(self, clock: Callable[[], int] = _ms) -> None:
+    def __init__(self, clock: Callable[[], int] = _ms, *, state: SlotState | None = None,
+                 bus: _Bus | None = None, grace_ms: int = DEFAULT_GRACE_MS) -> None:
         self.clock = clock
-        self._leases: dict[str, dict[str, int]] = {}     # backend -> lease -> expiry
-        self._waiting: dict[str, bytes] = {}
-        self._granted: dict[str, Grant] = {}
-        self._charges: dict[str, float] = {}
-        self._leader: tuple[str, int] | None = None     # (replica, expiry)
-        self._replicas: dict[str, tuple[bytes, int]] = {}  # replica -> (info, alive until)
-        self._running: dict[str, tuple[str, str]] = {}     # lease -> (backend, descriptor)
-        self._bus = _Bus()
+        self.state = state if state is not None else SlotState()
+        self._bus = bus if bus is not None else _Bus()
+        self.grace_ms = grace_ms
+        self.epoch = ""
+        self._name = f"m{next(_handles)}"
+        self._ops = itertools.count()
 
-    def _charge(self, client: str, amount: float) -> None:
-        if client and amount:
-            self._charges[client] = self._charges.get(client, 0.0) + amount
+    def share(self) -> MemorySlotStore:
+        """Another replica's handle on the same store."""
+        return MemorySlotStore(self.clock, state=self.state, bus=self._bus,
+                               grace_ms=self.grace_ms)
 
-    def _used(self, backend: str, now: int) -> int:
-        leases = self._leases.setdefault(backend, {})
-        for lease in [k for k, expiry in leases.items() if expiry <= now]:
-            del leases[lease]
-        return len(leases)
+    def _op(self) -> str:
+        return f"{self._name}:{next(self._ops)}"
+
+    def _send(self, published: Published) -> None:
+        for channel, message in published:
+            self._bus.publish(channel, message)
 
     async def acquire(self, backends: Sequence[tuple[str, int]], lease: str, ttl_ms: int,
                       job_id: str, descriptor: bytes | None, client: str = "",
                       charge: float = 0.0, stoppable: str = "") -> Taken:
-        now = self.clock()
-        if not self._waiting:
-            for i, (backend, cap) in enumerate(backends):
-                n = self._used(backend, now)
-                if n < cap:
-                    self._leases[backend][lease] = now + ttl_ms
-                    self._charge(client, charge)
-                    if stoppable:
-                        self._running[lease] = (backend, stoppable)
-                    return Taken(i, n + 1)
-        if descriptor is None:
-            return Taken(None, len(self._waiting))
-        if job_id not in self._waiting:
-            self._waiting[job_id] = descriptor
-            self._bus.publish(LEADER, f"enq {job_id}")
-        return Taken(None, len(self._waiting))
+        taken, out = self.state.acquire(self.clock(), self.epoch, self.grace_ms, backends,
+                                        lease, ttl_ms, job_id, descriptor, client, charge,
+                                        stoppable)
+        self._send(out)
+        return taken
 
     async def release(self, backend: str, lease: str, job_id: str, client: str = "",
                       correction: float = 0.0) -> Released:
-        now = self.clock()
-        removed = self._leases.setdefault(backend, {}).pop(lease, None) is not None
-        self._granted.pop(job_id, None)
-        self._running.pop(lease, None)
-        self._charge(client, correction)
-        n = self._used(backend, now)
-        if removed and self._waiting:
-            self._bus.publish(LEADER, f"rel {backend}")
-        return Released(removed, n, len(self._waiting))
+        done, out = self.state.release(self.clock(), self.epoch, self.grace_ms, self._op(),
+                                       backend, lease, job_id, client, correction)
+        self._send(out)
+        return done
 
     async def release_many(self, releases: Sequence[Release]) -> list[Released]:
         return [await self.release(r.backend, r.lease, r.job_id, r.client, r.correction)
@@ -272,97 +261,73 @@ class MemorySlotStore:
     async def grant(self, job_id: str, backend: str, cap: int, lease: str, ttl_ms: int,
                     replica: str, placement: str = "resident", model: str = "",
                     ctx: int | None = None, stoppable: str = "") -> tuple[int, int]:
-        now = self.clock()
-        if job_id not in self._waiting:
-            return 0, -1
-        n = self._used(backend, now)
-        if n >= cap:
-            return -1, n
-        self._leases[backend][lease] = now + ttl_ms
-        if stoppable:
-            self._running[lease] = (backend, stoppable)
-        del self._waiting[job_id]
-        grant = Grant(backend, lease, placement)
-        self._granted[job_id] = grant
-        self._bus.publish(replica_channel(replica), f"grant {job_id} {grant.text()}")
-        if placement == "load":
-            self._bus.publish(FLEET, f"load {backend} {model} {'' if ctx is None else ctx}")
-        return 1, n + 1
+        answer, out = self.state.grant(self.clock(), self.epoch, self.grace_ms, job_id,
+                                       backend, cap, lease, ttl_ms, replica, placement,
+                                       model, ctx, stoppable)
+        self._send(out)
+        return answer
 
     async def grant_many(self, grants: Sequence[GrantCall]) -> list[tuple[int, int]]:
         return [await self.grant(g.job_id, g.backend, g.cap, g.lease, g.ttl_ms, g.replica,
                                  g.placement, g.model, g.ctx, g.stoppable) for g in grants]
 
     async def stoppable(self) -> dict[str, tuple[str, str]]:
-        return dict(self._running)
+        return dict(self.state.running)
 
     async def tell(self, replica: str, message: str) -> None:
         self._bus.publish(replica_channel(replica), message)
 
     async def job(self, job_id: str) -> bytes | None:
-        return self._waiting.get(job_id)
+        return self.state.waiting.get(job_id)
 
     async def cancel(self, job_id: str) -> Cancelled:
-        if self._waiting.pop(job_id, None) is not None:
-            self._bus.publish(LEADER, f"cancel {job_id}")
-            return Cancelled("left")
-        grant = self._granted.pop(job_id, None)
-        if grant is not None:
-            return Cancelled("granted", grant)
-        return Cancelled("unknown")
+        done, out = self.state.cancel(self.clock(), self.epoch, self.grace_ms, self._op(),
+                                      job_id)
+        self._send(out)
+        return done
 
     async def renew(self, leases: Sequence[tuple[str, str]], ttl_ms: int) -> list[int]:
-        now = self.clock()
-        lost = []
-        for i, (backend, lease) in enumerate(leases):
-            held = self._leases.setdefault(backend, {})
-            if lease in held:
-                held[lease] = now + ttl_ms
-            else:
-                lost.append(i)
-        return lost
+        return self.state.renew(self.clock(), self.epoch, self.grace_ms, leases, ttl_ms)
 
-    async def adopt(self, leases: Sequence[tuple[str, str]], ttl_ms: int) -> None:
-        now = self.clock()
-        for backend, lease in leases:
-            self._leases.setdefault(backend, {})[lease] = now + ttl_ms
+    async def adopt(self, leases: Sequence[tuple[str, str]], ttl_ms: int,
+                    epoch: str | None = None) -> None:
+        if epoch is not None:
+            self.epoch = epoch
+        self.state.adopt(self.clock(), self.epoch, self.grace_ms, leases, ttl_ms)
 
     async def counts(self, backends: Sequence[str]) -> tuple[list[int], int]:
-        now = self.clock()
-        return [self._used(b, now) for b in backends], len(self._waiting)
+        return self.state.counts(self.clock(), backends)
+
+    async def grace(self) -> int:
+        return self.state.grace_until
 
     async def waiting(self) -> dict[str, bytes]:
-        return dict(self._waiting)
+        return dict(self.state.waiting)
 
     async def granted(self, job_ids: Sequence[str]) -> dict[str, Grant]:
-        return {j: self._granted[j] for j in job_ids if j in self._granted}
+        return {j: self.state.granted[j] for j in job_ids if j in self.state.granted}
 
     async def lead(self, replica: str, ttl_ms: int) -> tuple[bool, str]:
-        now = self.clock()
-        if self._leader is None or self._leader[1] <= now or self._leader[0] == replica:
-            self._leader = (replica, now + ttl_ms)
-            return True, replica
-        return False, self._leader[0]
+        return self.state.lead(self.clock(), replica, ttl_ms)
 
     async def resign(self, replica: str) -> bool:
-        if self._leader is not None and self._leader[0] == replica:
-            self._leader = None
-            return True
-        return False
+        return self.state.resign(replica)
 
     async def charges(self) -> dict[str, float]:
-        taken, self._charges = self._charges, {}
-        return taken
+        return self.state.take_charges(self.clock(), self._op())
+
+    async def sweep(self, alive: Sequence[str]) -> int:
+        return self.state.sweep(self.clock(), alive)
 
     async def announce(self, message: str) -> None:
         self._bus.publish(FLEET, message)
 
-    async def heartbeat(self, replica: str, info: bytes, ttl_ms: int) -> None:
-        self._replicas[replica] = (info, self.clock() + ttl_ms)
+    async def heartbeat(self, replica: str, info: bytes, ttl_ms: int) -> Epoch:
+        return self.state.heartbeat(self.clock(), self.epoch, self.grace_ms, replica, info,
+                                    ttl_ms)
 
     async def replicas(self) -> dict[str, bytes]:
-        now = self.clock()
-        return {r: info for r, (info, until) in self._replicas.items() if until > now}
+        return self.state.alive(self.clock())
 
     async def listen(self, channels: Sequence[str]) -> AsyncIterator[tuple[str, str]]:
         yield "", "resync"     # as the Redis store does once subscribed
