@@ -100,7 +100,6 @@ class SharedScheduler(Scheduler):
         # (those listed for a full renewal interval, so every replica lists them too).
         self._used: dict[str, int] = {}
         self._members: list[str] = []
-        self._joined = clock()
         self._rejoining: asyncio.Task[None] | None = None
         self._unreleased: list[Release] = []   # releases the store did not confirm
         self.rejoins = 0
@@ -300,12 +299,14 @@ class SharedScheduler(Scheduler):
 
     def _members_now(self) -> list[str]:
         """The replicas that share the free slots during an outage: those the store
-        listed at the last heartbeat. This replica counts itself only once it has
-        been listed for two renewal intervals — by then every other replica has read
-        the list with it in — so no two views give out the same free slot."""
-        members = [r for r in self._members if r != self.replica]
-        if self.replica in self._members and (
-                self.clock() - self._joined >= 2 * RENEW_INTERVAL_S or len(members) == 0):
+        listed at the last heartbeat. This replica counts itself only once every other
+        one has listed it too (each heartbeat says which replicas its sender sees), so
+        no two views give out the same free slot; one not yet listed by all takes
+        none."""
+        others = [r for r in self._members if r != self.replica]
+        members = list(others)
+        if self.replica in self._members and all(
+                self.replica in _sees(self.replicas.get(r, {})) for r in others):
             members.append(self.replica)
         return sorted(members)
 
@@ -417,7 +418,11 @@ class SharedScheduler(Scheduler):
     async def _record_again(self, epoch: str) -> None:
         running = [(j.backend.name, lease) for lease, j in self._held.items()
                    if j.backend is not None]
+        first = not self.store.epoch
         await self.store.adopt(running, self.lease_ms, epoch=epoch)
+        if first and not running and not self._pending:
+            log.info("joined the shared slot store (epoch %s)", epoch)
+            return
         self.rejoins += 1
         for job_id, pending in list(self._pending.items()):
             if pending.future.done() or not pending.descriptor:
@@ -662,14 +667,12 @@ class SharedScheduler(Scheduler):
             try:
                 # A replica is alive as long as its leases would be: its heartbeat
                 # lasts one lease.
-                epoch = await self.store.heartbeat(self.replica, self.info(), self.lease_ms)
+                epoch = await self.store.heartbeat(self.replica, self._info(), self.lease_ms)
                 if epoch.name != self.store.epoch:
                     await self._rejoin(epoch.name)
                 await self._store_back()
                 alive = await self.store.replicas()
                 self.replicas = {r: decode_info(raw) for r, raw in alive.items()}
-                if self.replica not in self._members and self.replica in alive:
-                    self._joined = self.clock()
                 self._members = sorted(alive)
                 self.replicas.setdefault(self.replica, {})
                 self._compare_configs()
@@ -684,6 +687,10 @@ class SharedScheduler(Scheduler):
                 await self._recover_grants(1.0)
                 await self._refresh_counts()
                 ticks += 1
+                if self.leader is not None and self.leader.jobs:
+                    # Slots also come back without a word: the lease of a replica
+                    # that died lapses. Jobs waiting are looked at every interval.
+                    self.leader.kick()
                 if self.leader is not None and ticks % 3 == 0:
                     # Jobs queued through a replica that died wait for nobody.
                     await self.leader.resync()
@@ -697,6 +704,13 @@ class SharedScheduler(Scheduler):
                     await self.leader.stop()     # a new one is elected once it is back
                     self.leader = None
             await asyncio.sleep(RENEW_INTERVAL_S)
+
+    def _info(self) -> bytes:
+        """What this replica is, and which replicas it sees (for the agreement on who
+        shares the free slots during an outage)."""
+        info = decode_info(self.info())
+        info["sees"] = self._members
+        return orjson.dumps(info)
 
     def _compare_configs(self) -> None:
         """Replicas on one store must run one configuration, or they do not enforce
@@ -764,8 +778,15 @@ class SharedScheduler(Scheduler):
                 "alone": self.local, "on_store_error": self.on_store_error,
                 "config": decode_info(self.info()).get("config"),
                 "config_mismatch": self.mismatched,
-                "replicas": [{"id": r, **{k: v for k, v in info.items() if k != "knowledge"}}
+                "sharing": self._members_now(),
+                "replicas": [{"id": r, **{k: v for k, v in info.items()
+                                          if k not in ("knowledge", "sees")}}
                              for r, info in sorted(self.replicas.items())]}
+
+
+def _sees(info: dict[str, object]) -> list[str]:
+    sees = info.get("sees")
+    return [str(r) for r in sees] if isinstance(sees, list) else []
 
 
 def decode_info(raw: bytes) -> dict[str, object]:
