@@ -108,6 +108,21 @@ def test_check_command_exit_status(tmp_path: Any) -> None:
     assert "odd.yaml: warning: tiers.premium.preemptible: true has no effect" in warned.output
 
 
+def test_check_ends_with_its_verdict_on_the_file_not_with_nothing_started(
+        tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from corral.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("limits:\n  - {name: gen, rate: 10r/h}\n")
+    done = CliRunner().invoke(main, ["check", "-c", str(bad)])
+    assert done.exit_code == 1
+    # check starts nothing, so it never says so: its last line is its verdict.
+    assert done.output.splitlines()[-1] == f"corral: the configuration file {bad} is invalid"
+    assert "nothing started" not in done.output
+
+
 def test_serve_refuses_an_invalid_config_and_starts_nothing(tmp_path: Any) -> None:
     import subprocess
     import sys
