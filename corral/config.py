@@ -87,13 +87,16 @@ class Faults(ValueError):
     (``keys[bob].tier`` on the line of that ``tier:``)."""
 
     def __init__(self, faults: list[tuple[tuple[str | int, ...], str]]) -> None:
+        # Read without a file (settings built in code): indexes in the one style too.
         super().__init__("; ".join(
-            ".".join(map(str, path)) + f": {message}" if path else message
+            "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+            + f": {message}" if path else message
             for path, message in faults))
         self.faults = faults
 
 
 def fault(path: tuple[str | int, ...], message: str) -> Faults:
+    """One problem at ``path`` below the value being validated."""
     return Faults([(path, message)])
 
 
