@@ -14,13 +14,14 @@ from corral.config import ConfigError, Settings, config_warnings, load_settings
 from corral.runtime import run_async, setup_logging
 
 
-def _load(config: Path | None) -> Settings:
+def _load(config: Path | None, verdict: str) -> Settings:
+    """The settings, or every error and then ``verdict`` on stderr and exit 1."""
     try:
         return load_settings(config)
     except ConfigError as exc:
         for line in exc.errors:
             click.echo(f"corral: {line}", err=True)
-        click.echo("corral: configuration is invalid; nothing started", err=True)
+        click.echo(f"corral: {verdict}", err=True)
         sys.exit(1)
 
 
@@ -38,7 +39,7 @@ def main() -> None:
 def serve(config: Path | None, listen: str | None, log_level: str) -> None:
     """Run the gateway."""
     setup_logging(log_level)
-    settings = _load(config)
+    settings = _load(config, "configuration is invalid; nothing started")
     for warning in config_warnings(settings):
         logging.getLogger("corral").warning("%s: %s", config or "configuration", warning)
     if listen:
@@ -90,7 +91,7 @@ def serve(config: Path | None, listen: str | None, log_level: str) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
 def check(config: Path, quiet: bool) -> None:
     """Validate a configuration file (like nginx -t); exit 1 when invalid."""
-    settings = _load(config)
+    settings = _load(config, f"the configuration file {config} is invalid")
     if not quiet:
         click.echo(orjson.dumps(settings.model_dump(mode="json"),
                                 option=orjson.OPT_INDENT_2).decode())

@@ -80,6 +80,26 @@ def check_redis_url(url: str) -> str:
     return url
 
 
+class Faults(ValueError):
+    """Problems found by a validator, each with the key path it belongs to, relative
+    to the value being validated. pydantic places a model check at the model itself
+    (the line of ``keys:``); with a path, the error names the entry and line at fault
+    (``keys[bob].tier`` on the line of that ``tier:``)."""
+
+    def __init__(self, faults: list[tuple[tuple[str | int, ...], str]]) -> None:
+        # Read without a file (settings built in code): indexes in the one style too.
+        super().__init__("; ".join(
+            "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+            + f": {message}" if path else message
+            for path, message in faults))
+        self.faults = faults
+
+
+def fault(path: tuple[str | int, ...], message: str) -> Faults:
+    """One problem at ``path`` below the value being validated."""
+    return Faults([(path, message)])
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Rate = Annotated[str, BeforeValidator(check_rate)]
 
@@ -159,17 +179,17 @@ class RetryConfig(_Model):
     @classmethod
     def _on(cls, value: tuple[str | int, ...]) -> tuple[str | int, ...]:
         out: list[str | int] = []
-        for item in value:
+        for index, item in enumerate(value):
             if isinstance(item, int) or (isinstance(item, str) and item.isdigit()):
                 code = int(item)
                 if not 400 <= code <= 599:
-                    raise ValueError(f"retry.on: {code} is not an HTTP error status")
+                    raise fault((index,), f"{code} is not an HTTP error status")
                 out.append(code)
             elif item in _RETRY_WORDS:
                 out.append(item)
             else:
-                raise ValueError(
-                    f"retry.on: unknown condition {item!r} (error, timeout or a status)")
+                raise fault((index,),
+                            f"unknown condition {item!r} (error, timeout or a status)")
         return tuple(out)
 
 
@@ -189,12 +209,11 @@ class ClientsConfig(_Model):
     @field_validator("trusted_proxies")
     @classmethod
     def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for cidr in value:
+        for index, cidr in enumerate(value):
             try:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
-                raise ValueError(
-                    f"trusted_proxies: {cidr!r} is not an IP address or CIDR") from None
+                raise fault((index,), f"{cidr!r} is not an IP address or CIDR") from None
         return value
 
 
@@ -215,7 +234,7 @@ class KeyConfig(_Model):
     @model_validator(mode="after")
     def _one_secret(self) -> KeyConfig:
         if (self.key is None) == (self.key_sha256 is None):
-            raise ValueError(f"key {self.name!r}: give exactly one of key or key_sha256")
+            raise ValueError("give exactly one of key or key_sha256")
         return self
 
 
@@ -282,14 +301,12 @@ class LimitRule(_Model):
             self.tokens_per_minute is not None or self.tokens_per_day is not None,
         ]
         if sum(kinds) != 1:
-            raise ValueError(
-                f"limit {self.name!r}: give exactly one of rate, max_concurrent, "
-                "tokens_per_minute/tokens_per_day"
-            )
+            raise ValueError("give exactly one of rate, max_concurrent, "
+                             "tokens_per_minute/tokens_per_day")
         if self.rate is None and (self.burst or self.nodelay or self.delay is not None):
-            raise ValueError(f"limit {self.name!r}: burst, nodelay and delay go with rate")
+            raise ValueError("burst, nodelay and delay go with rate")
         if self.nodelay and self.delay is not None:
-            raise ValueError(f"limit {self.name!r}: delay and nodelay exclude each other")
+            raise ValueError("delay and nodelay exclude each other")
         return self
 
 
@@ -465,7 +482,13 @@ class CorsConfig(_Model):
     @field_validator("origins")
     @classmethod
     def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(check_origin_pattern(o) for o in value)
+        out = []
+        for index, origin in enumerate(value):
+            try:
+                out.append(check_origin_pattern(origin))
+            except ValueError as exc:
+                raise fault((index,), str(exc)) from None
+        return tuple(out)
 
 
 def _default_tiers() -> dict[str, TierConfig]:
@@ -505,10 +528,14 @@ class Settings(_Model):
         if not entries:
             raise ValueError("at least one address is needed")
         seen: set[tuple[str, int]] = set()
-        for entry in entries:
-            host, port, _ = _parse_listen(entry)
+        for index, entry in enumerate(entries):
+            at: tuple[int, ...] = () if isinstance(value, str) else (index,)
+            try:
+                host, port, _ = _parse_listen(entry)
+            except ValueError as exc:
+                raise fault(at, str(exc)) from None
             if (host, port) in seen:
-                raise ValueError(f"{host}:{port} is listed twice")
+                raise fault(at, f"{host}:{port} is listed twice")
             seen.add((host, port))
         return value
 
@@ -528,35 +555,48 @@ class Settings(_Model):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
-        names = [b.name for b in self.backends]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"backends: duplicate name(s) {sorted(dup)}")
+        # Every problem at once, each at the entry it concerns (``keys[bob].tier``),
+        # so one run of corral check shows all there is to fix.
+        out: list[tuple[tuple[str | int, ...], str]] = []
         if not self.backends:
-            raise ValueError("backends: at least one backend is needed")
+            out.append((("backends",), "at least one backend is needed"))
+        seen: dict[str, int] = {}
+        for i, backend in enumerate(self.backends):
+            first = seen.setdefault(backend.name, i)
+            if first != i:
+                # An unnamed backend is named after its url: that is what repeats.
+                key = "name" if "name" in backend.model_fields_set else "url"
+                out.append((("backends", i, key),
+                            f"duplicate name {backend.name!r}: an earlier backend has it "
+                            "too (each backend needs its own name)"))
         if self.clients.default_tier not in self.tiers:
-            raise ValueError(f"clients.default_tier: unknown tier {self.clients.default_tier!r}")
-        for key in self.keys:
-            if key.tier is not None and key.tier not in self.tiers:
-                raise ValueError(f"keys: key {key.name!r} names unknown tier {key.tier!r}")
+            out.append((("clients", "default_tier"),
+                        f"unknown tier {self.clients.default_tier!r}"))
+        for i, key_config in enumerate(self.keys):
+            if key_config.tier is not None and key_config.tier not in self.tiers:
+                out.append((("keys", i, "tier"), f"unknown tier {key_config.tier!r}"))
         if self.tls is None and any(entry.tls for entry in self.listeners):
-            raise ValueError("listen: an address marked tls needs a tls section "
-                             "({cert: PATH, key: PATH})")
-        rule_names = [r.name for r in self.limits.rules]
-        dup = {n for n in rule_names if rule_names.count(n) > 1}
-        if dup:
-            raise ValueError(f"limits: duplicate rule name(s) {sorted(dup)}")
+            out.append((("listen",), "an address marked tls needs a tls section "
+                                     "({cert: PATH, key: PATH})"))
+        rule_at: dict[str, int] = {}
         zones: dict[str, LimitRule] = {}
-        for rule in self.limits.rules:
+        for i, rule in enumerate(self.limits.rules):
+            at = ("limits", "rules", i)
+            if rule_at.setdefault(rule.name, i) != i:
+                out.append(((*at, "name"), f"duplicate rule name {rule.name!r}: an earlier "
+                                           "rule has it too"))
             unknown = [t for t in rule.tiers if t not in self.tiers]
             if unknown:
-                raise ValueError(f"limits: rule {rule.name!r} names unknown tier(s) {unknown}")
-            first = zones.setdefault(rule.zone or rule.name, rule)
-            if first is not rule and (rule.kind != first.kind or rule.rate != first.rate
-                                      or rule.key != first.key):
-                raise ValueError(
-                    f"limits: rules {first.name!r} and {rule.name!r} share zone "
-                    f"{rule.zone!r} but differ in kind, rate or key (those belong to the zone)")
+                out.append(((*at, "tiers"), f"unknown tier(s) {unknown}"))
+            first_rule = zones.setdefault(rule.zone or rule.name, rule)
+            if first_rule is not rule and (rule.kind != first_rule.kind
+                                           or rule.rate != first_rule.rate
+                                           or rule.key != first_rule.key):
+                out.append(((*at, "zone"),
+                            f"shares zone {rule.zone!r} with rule {first_rule.name!r} but "
+                            "differs in kind, rate or key (those belong to the zone)"))
+        if out:
+            raise Faults(out)
         return self
 
     @property
@@ -618,27 +658,56 @@ def _line_map(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...],
             _line_map(item, (*path, index), out)
 
 
-def _loc_to_path(loc: tuple[int | str, ...]) -> tuple[Any, ...]:
-    # ``limits`` given as a list is wrapped into {"rules": [...]}: map its loc back.
-    if len(loc) >= 2 and loc[0] == "limits" and loc[1] == "rules":
-        return ("limits", *loc[2:])
-    return tuple(loc)
+_ABSENT = object()
+
+
+def _data_path(loc: tuple[Any, ...], data: Any, absent_ok: bool) -> tuple[Any, ...]:
+    """pydantic's location of an error as a path in the file's data. It leaves out
+    what pydantic adds: the type tags of union members (``listen.str``) and the
+    ``rules`` a list of limits is wrapped in. ``absent_ok``: the path may go on past
+    what the file writes (a required key that is missing, a default at fault)."""
+    path: list[Any] = []
+    node = data
+    for part in loc:
+        if (isinstance(node, Mapping) and part in node) or (
+                isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):
+            node = node[part]
+        elif absent_ok and (node is _ABSENT or isinstance(node, Mapping)):
+            node = _ABSENT
+        else:
+            continue
+        path.append(part)
+    return tuple(path)
 
 
 def _named(path: tuple[Any, ...], data: Any) -> str:
-    """Dotted key path, with list items shown by their ``name`` when they have one:
-    ``limits[generate-per-ip].rate`` says more than ``limits.0.rate``."""
+    """The key path in one style: mapping keys dotted, list entries in brackets and
+    named by their ``name`` when they have one, else by their index from 0:
+    ``limits[generate-per-ip].rate``, ``backends[1].url``, ``retry.on[2]``."""
     parts: list[str] = []
     node = data
     for p in path:
-        if isinstance(p, int) and isinstance(node, list) and p < len(node):
-            node = node[p]
+        if isinstance(p, int) and isinstance(node, list):
+            node = node[p] if 0 <= p < len(node) else None
             name = node.get("name") if isinstance(node, dict) else None
-            parts.append(f"[{name}]" if isinstance(name, str) else f".{p}")
+            parts.append(f"[{name}]" if isinstance(name, str) and name else f"[{p}]")
             continue
         node = node.get(p) if isinstance(node, dict) else None
         parts.append(f".{p}")
     return "".join(parts).lstrip(".") or "(top level)"
+
+
+def _error_line(source: str, lines: dict[tuple[Any, ...], int], data: Any,
+                path: tuple[Any, ...], message: str) -> str:
+    """``file:line: key: message``, the line being that of the deepest part of the
+    path the file writes (the key itself, or the entry a missing key belongs in)."""
+    line = None
+    probe = path
+    while probe and line is None:
+        line = lines.get(probe)
+        probe = probe[:-1]
+    where = f"{source}:{line}" if line else source
+    return f"{where}: {_named(path, data)}: {message}"
 
 
 _KINDS = {bool: "true/false", int: "a number", float: "a number", str: "a text",
@@ -688,35 +757,94 @@ def _format_errors(exc: ValidationError, source: str,
                    lines: dict[tuple[Any, ...], int], data: Any) -> list[str]:
     out = []
     for err in exc.errors():
-        loc = _loc_to_path(tuple(err["loc"]))
-        # pydantic adds the validator's type to the loc of union members; keep real keys.
-        key_path = tuple(p for p in loc if isinstance(p, int) or p in _known_path_words(loc))
-        message = _plain(err)
+        loc = tuple(err["loc"])
+        error = (err.get("ctx") or {}).get("error")
+        if isinstance(error, Faults):
+            for sub, message in error.faults:
+                path = _data_path((*loc, *sub), data, absent_ok=True)
+                out.append(_error_line(source, lines, data, path, message))
+            continue
+        key_path = _data_path(loc, data, absent_ok=err["type"] == "missing")
+        message = "unknown key" if err["type"] == "extra_forbidden" else _plain(err)
         if not key_path:
-            # Cross-field checks name their key first ("limits: ..."): point there.
-            head = tuple(message.split(":", 1)[0].split("."))
-            if ":" in message and (head in lines or head[:1] in _TOP_KEYS):
+            # A model check that names its key first ("limits: ..."): point there.
+            named = tuple(message.split(":", 1)[0].split("."))
+            if ":" in message and (named in lines or named[:1] in _TOP_KEYS):
                 # Also for a key the file does not write (its default is at fault).
-                key_path, message = head, message.split(":", 1)[1].strip()
-        line = None
-        probe = key_path
-        while probe and line is None:
-            line = lines.get(probe)
-            probe = probe[:-1]
-        where = f"{source}:{line}" if line else source
-        dotted = _named(key_path, data)
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
-        out.append(f"{where}: {dotted}: {message}")
+                key_path, message = named, message.split(":", 1)[1].strip()
+        line = _error_line(source, lines, data, key_path, message)
+        head, _, rest = line.partition(": expected ")
+        before, _, earlier = out[-1].partition(": expected ") if out else ("", "", "")
+        if rest and before == head and earlier.endswith(rest.partition(",")[2]):
+            # One value refused by each member of a union (listen: a text or a list):
+            # one line saying what would do.
+            out[-1] = f"{head}: expected {earlier.partition(',')[0]} or {rest}"
+            continue
+        out.append(line)
     return out
 
 
 _TOP_KEYS = frozenset((k,) for k in Settings.model_fields)
 
 
-def _known_path_words(loc: tuple[Any, ...]) -> set[str]:
-    # Everything in loc that is not a pydantic type tag such as "function-before[...]".
-    return {p for p in loc if isinstance(p, str) and "[" not in p}
+def _yaml_error(exc: yaml.YAMLError, source: str, text: str) -> str:
+    """A YAML syntax error at the line to fix. PyYAML marks where it gave up, often
+    the line after the mistake: an unclosed ``[``, a quote or a key without ``:`` is
+    noticed only on the next line, so the line where that construct begins is given,
+    and the line PyYAML stopped at is said in words."""
+    problem = str(getattr(exc, "problem", None) or exc)
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return f"{source}: invalid YAML: {problem}"
+    line = mark.line + 1
+    context = str(getattr(exc, "context", None) or "")
+    start = getattr(exc, "context_mark", None)
+    if start is not None and start.line + 1 < line and context.startswith(tuple(_UNFINISHED)):
+        what = _UNFINISHED[next(c for c in _UNFINISHED if context.startswith(c))]
+        found = ("the file ends first" if "end of stream" in problem
+                 else f"{problem} on line {line}")
+        return f"{source}:{start.line + 1}: invalid YAML: {what} ({found})"
+    if problem.startswith("expected <block end>"):
+        return (f"{source}:{line}: invalid YAML: this line is indented differently from "
+                f"the lines above it at the same level ({problem})")
+    if problem == "mapping values are not allowed here":
+        begins, is_value = _plain_scalar_before(text, mark)
+        if begins is not None and begins < line and not is_value:
+            # "- url http://a" then "name: x": a bare word that runs on into a key on
+            # the next line, so the ':' missing is on the first line.
+            return (f"{source}:{begins}: invalid YAML: a ':' is missing after the key on "
+                    f"this line (what follows runs on to line {line}, where a ':' is "
+                    "not allowed)")
+        if begins is not None and begins < line:
+            # "a: 1" then "  b: 2": the value of a runs on into a line indented too far.
+            return (f"{source}:{line}: invalid YAML: a ':' is not allowed here: this line "
+                    f"continues the value begun on line {begins}; is it indented too far?")
+    return f"{source}:{line}: invalid YAML: {problem}"
+
+
+_UNFINISHED = {
+    "while parsing a flow sequence": "the '[' opened on this line is not closed",
+    "while parsing a flow mapping": "the '{' opened on this line is not closed",
+    "while scanning a quoted scalar": "the quote opened on this line is not closed",
+    "while scanning a simple key": "the key on this line has no ':'",
+    "while parsing a flow node": "the entry begun on this line is not finished",
+}
+
+
+def _plain_scalar_before(text: str, mark: Any) -> tuple[int | None, bool]:
+    """The 1-based line where the plain text before ``mark`` begins, and whether it
+    is the value of a key (``key: text``) rather than a bare word."""
+    tokens: list[yaml.Token] = []
+    try:
+        for token in yaml.scan(text, Loader=_Loader):
+            tokens.append(token)
+    except yaml.YAMLError:
+        pass
+    last = tokens[-1] if tokens else None
+    if isinstance(last, yaml.ScalarToken) and last.plain and last.end_mark.index <= mark.index:
+        is_value = len(tokens) > 1 and isinstance(tokens[-2], yaml.ValueToken)
+        return int(last.start_mark.line) + 1, is_value
+    return None, False
 
 
 def load_settings_text(text: str, source: str = "<config>",
@@ -726,9 +854,7 @@ def load_settings_text(text: str, source: str = "<config>",
         root = yaml.compose(text, Loader=_Loader)
         data = yaml.load(text, Loader=_Loader)     # _Loader is a SafeLoader
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise ConfigError([f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
+        raise ConfigError([_yaml_error(exc, source, text)]) from None
     if data is None:
         data = {}
     if not isinstance(data, Mapping):

@@ -10,12 +10,21 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 import click
-from rich.console import Console, Group, JustifyMethod, RenderableType
+from rich.console import (
+    Console,
+    ConsoleOptions,
+    Group,
+    JustifyMethod,
+    RenderableType,
+    RenderResult,
+)
 from rich.live import Live
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -84,23 +93,89 @@ def backend_state(b: dict[str, Any]) -> tuple[str, str]:
     return "up", "green"
 
 
-def summary_line(status: dict[str, Any]) -> Text:
+class Block:
+    """One thing on as few lines as the width allows: its head, then its fields
+    separated by `` · `` and broken only between fields (continuation lines indented),
+    then each note on its own indented lines. A field is never cut in two unless it
+    alone is wider than the terminal."""
+
+    def __init__(self, head: Text, fields: Sequence[Text], notes: Sequence[Text] = (),
+                 head_sep: str = "  ") -> None:
+        self.head, self.fields, self.notes, self.head_sep = head, fields, notes, head_sep
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        line, sep = self.head.copy(), self.head_sep
+        for field in self.fields:
+            if line.cell_len + len(sep) + field.cell_len <= width:
+                line.append(sep)
+                line.append_text(field)
+            else:
+                yield line
+                line = Text("  ")
+                line.append_text(field)
+            sep = " · "
+        yield line
+        for note in self.notes:
+            if note.cell_len <= width - 2:
+                yield Text("  ") + note
+                continue
+            for index, part in enumerate(note.wrap(console, max(width - 4, 8))):
+                part.rstrip()
+                yield Text("  " if index == 0 else "    ") + part
+
+
+_UNBOUNDED = 1_000_000
+
+
+class Fit:
+    """A table when the terminal is wide enough for it with nothing wrapped, else
+    the same rows stacked, one block each: a table squeezed into 80 columns breaks
+    every row over several lines and cuts model names short."""
+
+    def __init__(self, table: Table, blocks: Sequence[Block], legend: str = "") -> None:
+        self.table, self.blocks, self.legend = table, blocks, legend
+        if legend:
+            table.caption, table.caption_justify = Text(legend), "left"
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        table = self.table
+        # Measured as if the terminal had no edge: its width with no cell wrapped.
+        natural = Measurement.get(console, options.update_width(_UNBOUNDED), table).maximum
+        if natural <= options.max_width:
+            yield table
+            return
+        # Without the table's rules, a blank line tells one section from the last.
+        yield Text("")
+        if table.title:
+            yield Text(str(table.title), style="table.title")
+        yield from self.blocks
+        if self.legend:
+            yield Text(self.legend, style="table.caption")
+
+
+def _fields(*pairs: tuple[str, str]) -> list[Text]:
+    """Fields for a Block from (value, style) pairs."""
+    return [Text(value, style=style) for value, style in pairs]
+
+
+def summary_line(status: dict[str, Any]) -> Block:
     series = status.get("series", {})
     recent = status.get("recent", {})
     queue = status.get("queue", {})
     rps, tps = _rate(series, "requests_per_s"), _rate(series, "tokens_out_per_s")
     by_class = ", ".join(f"{k} {v}" for k, v in queue.get("by_class", {}).items())
-    text = Text()
-    text.append(f"Corral {status.get('version', '?')}", style="bold")
-    text.append(f" · up {_uptime(status.get('uptime_s', 0))}")
-    text.append(f" · {rps:.1f} req/s" if rps is not None else " · – req/s")
-    text.append(f" · {tps:.0f} tok/s out" if tps is not None else "")
-    text.append(f" · TTFB p50 {_ms(recent.get('ttfb_p50_ms'))} (1 min)")
-    text.append(f" · waiting {queue.get('depth', 0)}" + (f" ({by_class})" if by_class else ""))
+    parts = [f"up {_uptime(status.get('uptime_s', 0))}",
+             f"{rps:.1f} req/s" if rps is not None else "– req/s"]
+    if tps is not None:
+        parts.append(f"{tps:.0f} tok/s out")
+    parts.append(f"TTFB p50 {_ms(recent.get('ttfb_p50_ms'))} (1 min)")
+    parts.append(f"waiting {queue.get('depth', 0)}" + (f" ({by_class})" if by_class else ""))
     totals = status.get("totals")
     if totals:
-        text.append(f" · served {totals.get('requests', 0)}")
-    return text
+        parts.append(f"served {totals.get('requests', 0)}")
+    return Block(Text(f"Corral {status.get('version', '?')}", style="bold"),
+                 [Text(part) for part in parts], head_sep=" · ")
 
 
 def holds_text(b: dict[str, Any]) -> str:
@@ -122,30 +197,45 @@ def holds_text(b: dict[str, Any]) -> str:
     return (", ".join(parts) or "–") + (f"  [{len(holds)}/{room}]" if room else "")
 
 
-def backends_table(status: dict[str, Any]) -> Table:
+HOLDS_LEGEND = ("holds: each model, ×requests running, its load time (* measured), "
+                "[models held/room]; TTFB p50 and req/min over the last minute")
+
+
+def backends_table(status: dict[str, Any]) -> Fit:
+    backends = status.get("backends", [])
+    # The error column only when there is an error: it is the widest when it is there.
+    errors = any(b.get("last_error") for b in backends)
     table = Table(title="Backends", title_justify="left", expand=False)
-    columns: tuple[tuple[str, JustifyMethod], ...] = (
-        ("backend", "left"), ("state", "left"), ("slots", "right"),
-        ("holds (running, load time; * measured)", "left"),
-        ("models", "right"), ("TTFB p50 1m", "right"), ("req 1m", "right"),
-        ("last error", "left"))
+    columns: list[tuple[str, JustifyMethod]] = [
+        ("backend", "left"), ("state", "left"), ("slots", "right"), ("models", "right"),
+        ("TTFB p50", "right"), ("req/min", "right"), ("holds", "left")]
+    if errors:
+        columns.append(("last error", "left"))
     for name, justify in columns:
         table.add_column(name, justify=justify)
-    for b in status.get("backends", []):
+    blocks = []
+    for b in backends:
         word, style = backend_state(b)
-        table.add_row(
-            b.get("name", "?"), Text(word, style=style),
-            f"{b.get('in_flight', 0)}/{b.get('slots', 0)}",
-            holds_text(b),
-            str(len(b.get("models", []))),
-            _ms(b.get("ttfb_p50_ms_1m")),
-            str(b.get("requests_1m", 0)),
-            Text(b.get("last_error") or "", style="red"),
-        )
-    return table
+        name = str(b.get("name", "?"))
+        slots = f"{b.get('in_flight', 0)}/{b.get('slots', 0)}"
+        models, ttfb = len(b.get("models", [])), _ms(b.get("ttfb_p50_ms_1m"))
+        requests, holds, error = b.get("requests_1m", 0), holds_text(b), b.get("last_error")
+        row: list[RenderableType] = [Text(name), Text(word, style=style), slots,
+                                     str(models), ttfb, str(requests), Text(holds)]
+        if errors:
+            row.append(Text(error or "", style="red"))
+        table.add_row(*row)
+        notes = [Text(f"holds {holds}")]
+        if error:
+            notes.append(Text(f"last error: {error}", style="red"))
+        blocks.append(Block(Text(name, style="bold"), _fields(
+            (word, style), (f"slots {slots}", ""),
+            (f"{models} model" + ("" if models == 1 else "s"), ""),
+            (f"TTFB p50 {ttfb}", ""), (f"{requests} req/min", "")), notes))
+    return Fit(table, blocks, HOLDS_LEGEND if backends else "")
 
 
-def models_table(status: dict[str, Any]) -> Table | None:
+def models_table(status: dict[str, Any]) -> Fit | None:
     models = status.get("models") or []
     if not models:
         return None
@@ -156,18 +246,23 @@ def models_table(status: dict[str, Any]) -> Table | None:
     table.add_column("model")
     for name in ("demand /s", "queued", "running", "service", "tokens/s", "resident on"):
         table.add_column(name, justify="right" if name != "resident on" else "left")
+    blocks = []
     for m in models:
         service = m.get("service_s")
         decode = m.get("decode_tokens_per_s")
-        table.add_row(str(m.get("model")), f"{m.get('demand_per_s', 0):.2f}",
-                      str(m.get("queued", 0)), str(m.get("running", 0)),
-                      "–" if service is None else f"{service:.2f} s",
-                      "–" if decode is None else f"{decode:.0f}",
-                      ", ".join(m.get("resident_on") or []) or "–")
-    return table
+        cells = (f"{m.get('demand_per_s', 0):.2f}", str(m.get("queued", 0)),
+                 str(m.get("running", 0)), "–" if service is None else f"{service:.2f} s",
+                 "–" if decode is None else f"{decode:.0f}",
+                 ", ".join(m.get("resident_on") or []) or "–")
+        table.add_row(Text(str(m.get("model"))), *map(Text, cells))
+        blocks.append(Block(Text(str(m.get("model")), style="bold"), _fields(
+            (f"{cells[0]} demand/s", ""), (f"{cells[1]} queued", ""),
+            (f"{cells[2]} running", ""), (f"service {cells[3]}", ""),
+            (f"{cells[4]} tokens/s", ""), (f"on {cells[5]}", ""))))
+    return Fit(table, blocks)
 
 
-def replicas_table(status: dict[str, Any]) -> Table | None:
+def replicas_table(status: dict[str, Any]) -> Fit | None:
     shared = status.get("shared")
     if not shared:
         return None
@@ -178,17 +273,23 @@ def replicas_table(status: dict[str, Any]) -> Table | None:
     for name in ("replica", "address", "version", "configuration", "role"):
         table.add_column(name)
     mismatched = set(shared.get("config_mismatch") or [])
+    blocks = []
     for r in shared.get("replicas") or []:
         rid = str(r.get("id"))
-        table.add_row(rid + (" (this one)" if rid == shared.get("replica") else ""),
-                      str(r.get("address") or "–"), str(r.get("version") or "–"),
-                      Text(str(r.get("config") or "–"),
-                           style="bold red" if rid in mismatched else ""),
-                      "leader" if rid == shared.get("leader") else "replica")
-    return table
+        name = rid + (" (this one)" if rid == shared.get("replica") else "")
+        address, version = str(r.get("address") or "–"), str(r.get("version") or "–")
+        config = str(r.get("config") or "–")
+        config_style = "bold red" if rid in mismatched else ""
+        role = "leader" if rid == shared.get("leader") else "replica"
+        table.add_row(Text(name), Text(address), Text(version),
+                      Text(config, style=config_style), role)
+        blocks.append(Block(Text(name, style="bold"), _fields(
+            (address, ""), (f"version {version}", ""),
+            (f"configuration {config}", config_style), (role, ""))))
+    return Fit(table, blocks)
 
 
-def clients_table(status: dict[str, Any]) -> Table | None:
+def clients_table(status: dict[str, Any]) -> Fit | None:
     clients = status.get("clients") or []
     if not clients:
         return None
@@ -196,27 +297,36 @@ def clients_table(status: dict[str, Any]) -> Table | None:
     table.add_column("client")
     for name in ("share", "tokens", "requests", "fair-share counter"):
         table.add_column(name, justify="right")
+    blocks = []
     for c in clients:
-        table.add_row(str(c.get("name")), f"{100 * c.get('share', 0):.1f} %",
-                      str(c.get("tokens", 0)), str(c.get("requests", 0)),
-                      f"{c.get('counter', 0):.0f}")
-    return table
+        cells = (f"{100 * c.get('share', 0):.1f} %", str(c.get("tokens", 0)),
+                 str(c.get("requests", 0)), f"{c.get('counter', 0):.0f}")
+        table.add_row(Text(str(c.get("name"))), *cells)
+        blocks.append(Block(Text(str(c.get("name")), style="bold"), _fields(
+            (cells[0], ""), (f"{cells[1]} tokens", ""), (f"{cells[2]} requests", ""),
+            (f"fair-share counter {cells[3]}", ""))))
+    return Fit(table, blocks)
 
 
-def rejections_table(status: dict[str, Any]) -> Table | None:
+def rejections_table(status: dict[str, Any]) -> Fit | None:
     rejections = (status.get("rejections") or [])[:MAX_REJECTIONS_SHOWN]
     if not rejections:
         return None
     table = Table(title="Recent rejections", title_justify="left")
     for name in ("time", "client", "status", "rule / reason", "path"):
         table.add_column(name)
+    blocks = []
     for r in rejections:
         when = (datetime.fromtimestamp(r["time"]).strftime("%H:%M:%S")
                 if r.get("time") else "–")
-        table.add_row(when, str(r.get("client")), Text(str(r.get("status")), style="red"),
-                      str(r.get("rule") or r.get("error") or r.get("limit") or ""),
-                      str(r.get("path") or ""))
-    return table
+        cells = (str(r.get("client")), str(r.get("status")),
+                 str(r.get("rule") or r.get("error") or r.get("limit") or ""),
+                 str(r.get("path") or ""))
+        table.add_row(when, Text(cells[0]), Text(cells[1], style="red"), Text(cells[2]),
+                      Text(cells[3]))
+        blocks.append(Block(Text(when), _fields(
+            (cells[0], "bold"), (cells[1], "red"), (cells[2], ""), (cells[3], ""))))
+    return Fit(table, blocks)
 
 
 def render_status(status: dict[str, Any]) -> Group:

@@ -53,7 +53,7 @@ async def test_reload_needs_an_admin_key_and_refuses_bad_config(start_sim: Any,
         assert (await _reload(s, gw, "sk-wrong"))[0] == 401
         gw.config_path.write_text("backends:\n  - url: ftp://nowhere\n")
         status, body = await _reload(s, gw, "sk-ops")
-        assert status == 400 and "backends.0.url" in body["error"]
+        assert status == 400 and "backends[0].url" in body["error"]
         assert _names(gw) == ["b0"] and (await _gen(s, gw)) == 200   # the old one stays
         gw.rewrite_config(config)
         status, body = await _reload(s, gw, "sk-ops")

@@ -37,7 +37,7 @@ def test_errors_name_file_line_and_key() -> None:
     with pytest.raises(ConfigError) as info:
         load_settings_text(text, "corral.yaml")
     errors = info.value.errors
-    assert "corral.yaml:4: backends.0.max_concurency: unknown key" in errors
+    assert "corral.yaml:4: backends[0].max_concurency: unknown key" in errors
     assert any(e.startswith("corral.yaml:6: timeouts.read: invalid duration") for e in errors)
     assert any(e.startswith("corral.yaml:9: limits[gen].rate: invalid rate") for e in errors)
 
@@ -108,6 +108,21 @@ def test_check_command_exit_status(tmp_path: Any) -> None:
     assert "odd.yaml: warning: tiers.premium.preemptible: true has no effect" in warned.output
 
 
+def test_check_ends_with_its_verdict_on_the_file_not_with_nothing_started(
+        tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from corral.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("limits:\n  - {name: gen, rate: 10r/h}\n")
+    done = CliRunner().invoke(main, ["check", "-c", str(bad)])
+    assert done.exit_code == 1
+    # check starts nothing, so it never says so: its last line is its verdict.
+    assert done.output.splitlines()[-1] == f"corral: the configuration file {bad} is invalid"
+    assert "nothing started" not in done.output
+
+
 def test_serve_refuses_an_invalid_config_and_starts_nothing(tmp_path: Any) -> None:
     import subprocess
     import sys
@@ -141,7 +156,7 @@ def _errors(text: str) -> list[str]:
     ("routing: {load_time: 2h}", "c.yaml:1: routing.load_time: must be between 100ms and 1h, "
                                  "not 7200s"),
     ("backends: [{url: 'http://a:1', max_loaded_models: 0}]",
-     "c.yaml:1: backends.0.max_loaded_models: must be at least 1, not 0"),
+     "c.yaml:1: backends[0].max_loaded_models: must be at least 1, not 0"),
     ("tiers: {a: {priority: urgent}}", "c.yaml:1: tiers.a.priority: must be 'high', 'normal' "
                                        "or 'low'"),
     ("tiers: {a: {preemptible: sometimes}}",
@@ -244,3 +259,130 @@ def test_serve_refuses_an_unreachable_state_store_unless_told_to_carry_on(
     assert done.returncode == 1
     assert f"Redis at redis://127.0.0.1:{port}/0 cannot be reached" in done.stderr
     assert "nothing started" in done.stderr
+
+
+CONFIG = """\
+listen:
+  - 0.0.0.0:8080
+  - nowhere
+backends:
+  - url: http://10.0.0.1:11434
+    name: gpu0
+  - url: http://10.0.0.2:11434
+    max_concurency: 2
+  - name: gpu2
+    url: ftp://10.0.0.3
+retry:
+  on: [error, teapot]
+clients:
+  trusted_proxies:
+    - 10.0.0.0/8
+    - bogus
+"""
+
+
+def test_every_error_path_has_one_style() -> None:
+    # List entries in brackets, by name when they have one, else by index from 0.
+    assert _errors(CONFIG) == [
+        "c.yaml:3: listen[1]: invalid listen address 'nowhere': expected host:port, "
+        "e.g. 0.0.0.0:8080",
+        "c.yaml:8: backends[1].max_concurency: unknown key",
+        "c.yaml:10: backends[gpu2].url: invalid backend url 'ftp://10.0.0.3': expected "
+        "http://host:port",
+        "c.yaml:12: retry.on[1]: unknown condition 'teapot' (error, timeout or a status)",
+        "c.yaml:16: clients.trusted_proxies[1]: 'bogus' is not an IP address or CIDR",
+    ]
+
+
+def test_limits_written_as_a_mapping_are_named_as_written() -> None:
+    assert _errors("limits:\n  on_store_error: deny\n  rules:\n    - name: a\n"
+                   "      rate: 1r/s\n    - name: b\n      rate: 0r/s\n") == [
+        "c.yaml:7: limits.rules[b].rate: invalid rate '0r/s': the rate must be greater "
+        "than zero"]
+
+
+def test_an_error_in_one_entry_names_that_entry_once() -> None:
+    # The path names the entry: the message does not repeat it.
+    assert _errors("keys:\n  - name: alice\n    key: a\n  - name: bob\n") == [
+        "c.yaml:4: keys[bob]: give exactly one of key or key_sha256"]
+
+
+def test_a_value_no_member_of_a_union_takes_is_one_error() -> None:
+    assert _errors("listen: 5") == [
+        "c.yaml:1: listen: expected a text value or a list, not a number 5"]
+
+
+CROSS = """\
+backends:
+  - url: http://10.0.0.1:11434
+    name: gpu0
+  - url: http://10.0.0.2:11434
+    name: gpu0
+keys:
+  - name: alice
+    key: sk-a
+    tier: premium
+  - name: bob
+    key: sk-b
+    tier: gold
+limits:
+  - name: gen
+    rate: 1r/s
+    zone: shared
+  - name: chat
+    rate: 2r/s
+    zone: shared
+    tiers: [platinum]
+  - name: gen
+    max_concurrent: 2
+"""
+
+
+def test_cross_checks_point_at_the_entry_at_fault_and_all_are_reported() -> None:
+    assert _errors(CROSS) == [
+        "c.yaml:5: backends[gpu0].name: duplicate name 'gpu0': an earlier backend has it "
+        "too (each backend needs its own name)",
+        "c.yaml:12: keys[bob].tier: unknown tier 'gold'",
+        "c.yaml:20: limits[chat].tiers: unknown tier(s) ['platinum']",
+        "c.yaml:19: limits[chat].zone: shares zone 'shared' with rule 'gen' but differs in "
+        "kind, rate or key (those belong to the zone)",
+        "c.yaml:21: limits[gen].name: duplicate rule name 'gen': an earlier rule has it too",
+    ]
+
+
+def test_unnamed_backends_that_share_a_url_are_pointed_at_by_url() -> None:
+    assert _errors("backends:\n  - url: http://a:1\n  - url: http://a:1/\n") == [
+        "c.yaml:3: backends[1].url: duplicate name 'a:1': an earlier backend has it too "
+        "(each backend needs its own name)"]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # An unclosed bracket is noticed on the next line: the line to fix is where it opens.
+    ("listen: x\nbackends:\n  - url: http://a:1\n    name: [gpu0\ntimeouts:\n"
+     "  read: 5s\n",
+     "c.yaml:4: invalid YAML: the '[' opened on this line is not closed (expected ',' or "
+     "']', but got ':' on line 5)"),
+    ("queue: {max_depth: 3\nlisten: x\n",
+     "c.yaml:1: invalid YAML: the '{' opened on this line is not closed (expected ',' or "
+     "'}', but got ':' on line 2)"),
+    ("listen: x\naccess_log: \"/var/log/corral.log\n",
+     "c.yaml:2: invalid YAML: the quote opened on this line is not closed (the file ends "
+     "first)"),
+    ("listen: x\ntimeouts\n  read: 5s\n",
+     "c.yaml:2: invalid YAML: the key on this line has no ':' (could not find expected ':' "
+     "on line 3)"),
+    ("backends:\n  - url http://a:1\n    name: gpu0\n",
+     "c.yaml:2: invalid YAML: a ':' is missing after the key on this line (what follows "
+     "runs on to line 3, where a ':' is not allowed)"),
+    # Where the mistake is on the line YAML stops at, that line.
+    ("listen: x\n  state: memory\n",
+     "c.yaml:2: invalid YAML: a ':' is not allowed here: this line continues the value "
+     "begun on line 1; is it indented too far?"),
+    ("backends:\n  - url: http://a:1\n   name: gpu0\n",
+     "c.yaml:3: invalid YAML: this line is indented differently from the lines above it at "
+     "the same level (expected <block end>, but found '<block mapping start>')"),
+    ("listen: x\nbackends:\n\t- url: http://a:1\n",
+     "c.yaml:3: invalid YAML: found character '\\t' that cannot start any token"),
+])
+def test_a_yaml_syntax_error_names_the_line_to_fix(text: str, expected: str) -> None:
+    assert _errors(text) == [expected]

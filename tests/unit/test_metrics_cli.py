@@ -104,3 +104,80 @@ def test_status_lists_the_replicas_and_who_leads() -> None:
     r2 = next(line for line in out.splitlines() if line.startswith("│ r2"))
     assert "leader" in r2
     assert "Replicas" not in render({"backends": []})
+
+
+def _holds(*models: str) -> list[dict[str, Any]]:
+    return [{"model": m, "state": "ready", "running": 1, "load_time_s": 12.5,
+             "load_time_learned": True} for m in models]
+
+
+BIG_FLEET: dict[str, Any] = {
+    **STATUS,
+    "backends": [
+        {"name": "gpu-node-a100-rack3-slot0", "up": True, "routable": True, "slots": 4,
+         "in_flight": 3, "models": ["m"] * 12, "max_models": 3, "requests_1m": 1234,
+         "ttfb_p50_ms_1m": 1520.0,
+         "holds": _holds("qwen2.5-coder:32b-instruct-q4_K_M", "phi3:mini")},
+        {"name": "gpu-node-h100-rack7-slot12", "up": False, "routable": False, "slots": 8,
+         "in_flight": 0, "models": [], "requests_1m": 0, "ttfb_p50_ms_1m": None,
+         "last_error": "cannot connect to http://10.20.30.40:11434: connection refused "
+                       "after 3 tries", "holds": []},
+        {"name": "gpu-node-l40s-rack1-slot3", "up": True, "routable": False,
+         "breaker": "open", "slots": 2, "in_flight": 0, "models": ["m"], "requests_1m": 7,
+         "ttfb_p50_ms_1m": 95.0, "holds": _holds("nomic-embed-text:latest")},
+    ],
+    "models": [{"model": "qwen2.5-coder:32b-instruct-q4_K_M", "demand_per_s": 12.25,
+                "queued": 140, "running": 3, "service_s": 14.5,
+                "decode_tokens_per_s": 35.0,
+                "resident_on": ["gpu-node-a100-rack3-slot0", "gpu-node-l40s-rack1-slot3"]}],
+    "shared": {"replica": "gateway-eu-west-1a-7f9c", "leader": "gateway-eu-west-1a-7f9c",
+               "waiting": 2, "store": "ok", "replicas": [
+                   {"id": "gateway-eu-west-1a-7f9c", "address": "10.20.30.1:8080",
+                    "version": "0.1.0", "config": "3f2a9c1b7e4d"}]},
+    "clients": [{"name": "team-research-long-running-batch-key", "tokens": 1234567,
+                 "requests": 9876, "share": 0.5, "counter": 123456.0}],
+    "rejections": [{"time": 1700000000.0, "client": "2001:db8:85a3::8a2e:370:7334",
+                    "status": 503, "error": "no backend can hold the model right now",
+                    "path": "/v1/chat/completions"}],
+}
+
+
+def test_status_fits_80_columns_with_each_backend_on_one_line() -> None:
+    console = Console(width=80, record=True, color_system=None)
+    console.print(render_status(BIG_FLEET))
+    out = console.export_text()
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in out          # nothing cut short
+    # Each backend heads its own block: name, state and slots on one line...
+    for name, state, slots in (("gpu-node-a100-rack3-slot0", "up", "3/4"),
+                               ("gpu-node-h100-rack7-slot12", "down", "0/8"),
+                               ("gpu-node-l40s-rack1-slot3", "breaker open", "0/2")):
+        [head] = [line for line in lines if line.startswith(name)]
+        assert f"{name}  {state} · slots {slots}" in head
+    # ...and what it holds and its last error whole, each on a line of its own.
+    assert ("  holds qwen2.5-coder:32b-instruct-q4_K_M ×1 12.5s*, phi3:mini ×1 12.5s*"
+            "  [2/3]") in lines
+    error = next(i for i, line in enumerate(lines) if "last error:" in line)
+    assert " ".join(line.strip() for line in lines[error:error + 2]) == (
+        "last error: cannot connect to http://10.20.30.40:11434: connection refused after "
+        "3 tries")
+    for whole in ("qwen2.5-coder:32b-instruct-q4_K_M  12.25 demand/s · 140 queued",
+                  "team-research-long-running-batch-key  50.0 % · 1234567 tokens",
+                  "gateway-eu-west-1a-7f9c (this one)  10.20.30.1:8080",
+                  "no backend can hold the model right now", "/v1/chat/completions",
+                  "2001:db8:85a3::8a2e:370:7334"):
+        assert whole in out
+
+
+def test_a_status_that_fits_80_columns_stays_a_table() -> None:
+    status = {"version": "0.1.0", "backends": [
+        {"name": "gpu0", "up": True, "routable": True, "slots": 2, "in_flight": 1,
+         "models": ["llama3.2:latest"], "requests_1m": 4, "ttfb_p50_ms_1m": 35.0,
+         "holds": [{"model": "llama3.2:latest", "load_time_s": 2.0}]}]}
+    console = Console(width=80, record=True, color_system=None)
+    console.print(render_status(status))
+    lines = console.export_text().splitlines()
+    [row] = [line for line in lines if "gpu0" in line]
+    assert row.startswith("│ gpu0 ") and " 1/2 " in row and " llama3.2:latest 2s " in row
+    assert max(len(line) for line in lines) <= 80
