@@ -2,7 +2,8 @@
 lines, run as the unit runs them (an unprivileged user, the configuration's directory
 read-only, the state directory writable; see ``unit_sandbox.py``), pass the check,
 serve a request through Corral to a stand-in Ollama and keep its usage in the state
-directory; and the check refuses a ledger the unit could not write, as serve would."""
+directory; and the check refuses a ledger the unit could not write, as serve would,
+and a configuration it could not read."""
 
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def test_the_generated_unit_starts_unprivileged_and_serves(tmp_path: Path,
     assert [p.name for p in unit.config_dir.iterdir()] == ["corral.yaml"]
 
 
-def test_the_units_check_refuses_a_ledger_the_unit_cannot_write(tmp_path: Path,
+def test_the_units_check_refuses_what_the_unit_could_not_use(tmp_path: Path,
                                                                  start_sim: Any) -> None:
     sim = start_sim()
     unit = Unit(tmp_path, sim.port)
@@ -128,3 +129,9 @@ def test_the_units_check_refuses_a_ledger_the_unit_cannot_write(tmp_path: Path,
     check = unit.run(unit.pre)
     assert check.returncode == 0, check.stderr
     assert not list(unit.config_dir.glob("*.sqlite3*"))
+
+    # A configuration the unit's user cannot read (installed root-only, say).
+    unit.config.chmod(0o000)
+    check = unit.run(unit.pre)
+    assert check.returncode != 0
+    assert f"'{unit.config}' is not readable" in check.stderr, check.stderr
