@@ -15,7 +15,6 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -60,6 +59,7 @@ from corral.scheduler.shared.replica import SharedScheduler
 from corral.scheduler.slots import Scheduler
 from corral.usage.api import USAGE_PATH, usage_handler
 from corral.usage.ledger import Ledger
+from corral.usage.location import ledger_file
 from corral.usage.redis import RedisUsageStore
 from corral.usage.sqlite import SqliteUsageStore
 from corral.usage.store import UsageStore
@@ -411,17 +411,10 @@ async def _proxy_any(gw: Gateway, request: web.BaseRequest) -> web.StreamRespons
 
 def _usage_store(settings: Settings, config_path: str | None) -> UsageStore:
     """One ledger for all replicas on the shared state store; otherwise a SQLite file
-    (by default beside the configuration) so a restart loses nothing."""
+    (where :func:`ledger_file` says) so a restart loses nothing."""
     if settings.state != "memory":
         return RedisUsageStore.from_url(settings.state, keep_days=settings.usage.keep)
-    path = settings.usage.path
-    if path is None:
-        base = Path(config_path).resolve().parent if config_path else Path.cwd()
-        path = str(base / DEFAULT_USAGE_FILE)
-    return SqliteUsageStore(path)
-
-
-DEFAULT_USAGE_FILE = "corral-usage.sqlite3"
+    return SqliteUsageStore(ledger_file(settings.usage.path, config_path))
 
 
 def _limit_store(settings: Settings) -> LimitStore:

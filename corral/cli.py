@@ -105,6 +105,8 @@ def check(config: Path, quiet: bool) -> None:
         tls_errors, tls_warnings = _tls_problems(settings)
         errors += tls_errors
         warnings += tls_warnings
+    if settings.usage.enabled and settings.state == "memory":
+        errors += _ledger_problems(settings, config)
     for warning in warnings:
         click.echo(f"corral: {config}: warning: {warning}", err=True)
     if errors:
@@ -113,6 +115,22 @@ def check(config: Path, quiet: bool) -> None:
         click.echo(f"corral: the configuration file {config} is not usable", err=True)
         sys.exit(1)
     click.echo(f"corral: the configuration file {config} is valid", err=True)
+
+
+def _ledger_problems(settings: Settings, config: Path) -> list[str]:
+    """The SQLite ledger as this process would keep it: run as the service's user (a
+    unit's ExecStartPre is), the check sees the permissions and read-only mounts the
+    service will."""
+    from corral.usage.location import ledger_file, problem
+
+    path = ledger_file(settings.usage.path, config)
+    found = problem(path)
+    if found is None:
+        return []
+    hint = ("set usage.path to a file in a directory the service's user can write (a "
+            "systemd unit's StateDirectory=, /var/lib/corral for corral.service), or "
+            "usage.enabled: false")
+    return [f"usage ledger: {found}; {hint}"]
 
 
 def _tls_problems(settings: Settings) -> tuple[list[str], list[str]]:

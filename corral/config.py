@@ -426,8 +426,8 @@ class TlsConfig(_Model):
 
 class UsageConfig(_Model):
     enabled: bool = True
-    # SQLite file when state is memory; default: corral-usage.sqlite3 beside the
-    # configuration file (the working directory without one).
+    # SQLite file when state is memory; default: corral-usage.sqlite3 in
+    # $STATE_DIRECTORY, else beside the configuration file (corral/usage/location.py).
     path: str | None = None
     keep: int = Field(400, ge=1, le=36600)      # days
     flush: Duration = 2.0                       # how often sums are written

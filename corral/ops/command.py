@@ -44,7 +44,8 @@ def systemd_command(gpus: tuple[str, ...], parallel: int, models_dir: str | None
 
     Writes ollama-gpu<N>.service (CUDA_VISIBLE_DEVICES, OLLAMA_HOST on consecutive
     loopback ports, OLLAMA_NUM_PARALLEL, OLLAMA_MODELS, Restart=always), corral.service
-    and corral.yaml with the matching backends block.
+    (its ledger in StateDirectory=corral), corral.yaml with the matching backends
+    block, and corral.sysusers for the user corral.service runs as.
     """
     if first_port + len(gpus) - 1 > 65535:
         raise click.BadParameter("the ports run past 65535", param_hint="--first-port")
@@ -61,8 +62,14 @@ def systemd_command(gpus: tuple[str, ...], parallel: int, models_dir: str | None
     for name, text in files.items():
         (out / name).write_text(text)
     unit_names = " ".join(n for n in files if n.endswith(".service"))
+    user, state_dir = plan.corral_user, f"/var/lib/{plan.state_directory}"
+    # The order matters: the user exists before the files are given to its group, and
+    # the check runs as that user, so it reads and writes what the service will.
     click.echo(f"""wrote {len(files)} files to {out}. To install:
+  sudo install -D -m 0644 {out}/corral.sysusers /etc/sysusers.d/corral.conf
+  sudo systemd-sysusers /etc/sysusers.d/corral.conf
   sudo cp {out}/*.service /etc/systemd/system/
-  sudo install -D -m 0640 {out}/corral.yaml {config_path}
-  sudo corral check --config {config_path}
+  sudo install -D -o root -g {user} -m 0640 {out}/corral.yaml {config_path}
+  sudo install -d -o {user} -g {user} -m 0750 {state_dir}
+  sudo -u {user} corral check --config {config_path}
   sudo systemctl daemon-reload && sudo systemctl enable --now {unit_names}""")

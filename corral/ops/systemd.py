@@ -3,8 +3,13 @@
 Pure generation (``units`` returns file names and contents; nothing is written or
 started here): one ``ollama-gpu<N>.service`` per GPU, pinned to it with
 ``CUDA_VISIBLE_DEVICES`` and listening on its own loopback port, one
-``corral.service``, and the ``corral.yaml`` whose ``backends:`` block matches the
-units — so the slots Corral hands out are exactly the backends' ``OLLAMA_NUM_PARALLEL``.
+``corral.service``, the ``corral.yaml`` whose ``backends:`` block matches the
+units — so the slots Corral hands out are exactly the backends' ``OLLAMA_NUM_PARALLEL``
+— and ``corral.sysusers``, which creates the user ``corral.service`` runs as.
+
+``corral.service`` sees the file system read-only but for its state directory
+(``ProtectSystem=strict``, ``StateDirectory=``), so the configuration keeps the usage
+ledger there, never beside itself in ``/etc``.
 """
 
 from __future__ import annotations
@@ -29,12 +34,19 @@ class Plan:
     ollama_user: str = "ollama"
     corral_user: str = "corral"
     state: str = "memory"
+    # Under /var/lib: systemd makes it, owned by the unit's user and writable in the
+    # sandbox, and tells the service where it is ($STATE_DIRECTORY).
+    state_directory: str = "corral"
 
     def port(self, index: int) -> int:
         return self.first_port + index
 
     def unit_name(self, gpu: str) -> str:
         return f"ollama-gpu{gpu}.service"
+
+    @property
+    def ledger_path(self) -> str:
+        return f"/var/lib/{self.state_directory}/usage.sqlite3"
 
 
 def _env(name: str, value: str) -> str:
@@ -93,6 +105,9 @@ def corral_unit(plan: Plan) -> str:
         "TimeoutStopSec=45",
         f"User={plan.corral_user}",
         f"Group={plan.corral_user}",
+        f"StateDirectory={plan.state_directory}",
+        # The ledger names clients; only the service's user and group read it.
+        "StateDirectoryMode=0750",
         "Restart=always",
         "RestartSec=2",
         # One socket per client and one per backend request, for thousands of streams.
@@ -117,11 +132,23 @@ def corral_config(plan: Plan) -> str:
         if plan.max_loaded_models:
             entry["max_loaded_models"] = plan.max_loaded_models
         backends.append(entry)
-    config = {"listen": plan.listen, "state": plan.state, "backends": backends,
-              "access_log": "stdout"}
+    config: dict[str, object] = {"listen": plan.listen, "state": plan.state,
+                                 "backends": backends, "access_log": "stdout"}
+    if plan.state == "memory":
+        # With Redis the ledger is kept there; otherwise in the unit's state directory,
+        # the one place the unit may write.
+        config["usage"] = {"path": plan.ledger_path}
     head = ("# Written by `corral systemd`: one backend per GPU, each with as many slots as\n"
             "# its OLLAMA_NUM_PARALLEL. Add keys, tiers and limits below; `corral check`.\n")
     return head + yaml.safe_dump(config, sort_keys=False)
+
+
+def sysusers(plan: Plan) -> str:
+    """A sysusers.d entry: a system user and group for corral.service, made by
+    ``systemd-sysusers`` (and again at every boot, a no-op when they exist)."""
+    return (f"# Written by `corral systemd`: the user corral.service runs as.\n"
+            f"# Install as /etc/sysusers.d/corral.conf, then run systemd-sysusers.\n"
+            f'u {plan.corral_user} - "Corral gateway" /var/lib/{plan.state_directory}\n')
 
 
 def units(plan: Plan) -> dict[str, str]:
@@ -133,6 +160,7 @@ def units(plan: Plan) -> dict[str, str]:
     out = {plan.unit_name(g): ollama_unit(plan, i, g) for i, g in enumerate(plan.gpus)}
     out["corral.service"] = corral_unit(plan)
     out["corral.yaml"] = corral_config(plan)
+    out["corral.sysusers"] = sysusers(plan)
     return out
 
 

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from corral.app import Gateway
 from corral.cli import main
 from corral.config import load_settings, load_settings_text
+from corral.usage.location import ledger_file
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -57,6 +58,30 @@ def test_the_image_runs_corral_serve_unprivileged_on_the_mounted_configuration()
     ignored = (ROOT / ".dockerignore").read_text().split()
     for copied in ("pyproject.toml", "README.md", "corral"):
         assert copied in text and copied not in ignored
+
+
+def test_the_images_ledger_goes_to_a_volume_its_user_owns() -> None:
+    """The configuration is mounted read-only, so what Corral writes (the usage ledger
+    with state: memory) goes to a volume the image's user owns: the default file is
+    there, for the compose file's configuration and for one keeping state in memory."""
+    text = (ROOT / "Dockerfile").read_text()
+    final = text[text.rindex("\nFROM "):]
+    user = re.search(r"^USER (\S+)$", final, re.M)
+    assert user is not None
+    state = re.search(r"^\s*STATE_DIRECTORY=(\S+)$", final, re.M)
+    assert state is not None
+    state_dir = state.group(1)
+    assert re.search(rf"install -d -o {user.group(1)} -g \S+ -m 07[0-7]0 {state_dir}$",
+                     final, re.M)
+    assert re.search(rf"^VOLUME {state_dir}$", final, re.M)
+    for config in ((DEPLOY / "corral.yaml").read_text(), "state: memory\n"):
+        settings = load_settings_text(config, "/etc/corral/corral.yaml", Path("/etc/corral"))
+        if settings.state == "memory":
+            path = ledger_file(settings.usage.path, "/etc/corral/corral.yaml",
+                               {"STATE_DIRECTORY": state_dir})
+            assert path.parent == Path(state_dir), path
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    assert f"corral-state:{state_dir}" in services["corral"]["volumes"]
 
 
 def exported_metrics() -> dict[str, str]:

@@ -21,7 +21,8 @@ _KNOWN = {
     "Unit": {"Description", "After", "Wants"},
     "Service": {"ExecStart", "ExecStartPre", "ExecReload", "Environment", "User", "Group",
                 "Restart", "RestartSec", "KillSignal", "TimeoutStopSec", "LimitNOFILE",
-                "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp"},
+                "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp",
+                "StateDirectory", "StateDirectoryMode"},
     "Install": {"WantedBy"},
 }
 
@@ -84,7 +85,8 @@ def _plan(**kw: object) -> Plan:
 def test_one_ollama_per_gpu_on_consecutive_ports_and_the_matching_backends() -> None:
     files = units(_plan(parallel=4, models_dir="/srv/ollama models", max_loaded_models=2))
     assert list(files) == ["ollama-gpu0.service", "ollama-gpu1.service",
-                           "ollama-gpu2.service", "corral.service", "corral.yaml"]
+                           "ollama-gpu2.service", "corral.service", "corral.yaml",
+                           "corral.sysusers"]
     for i in range(3):
         unit = parse_unit(files[f"ollama-gpu{i}.service"])
         assert env(unit) == {"CUDA_VISIBLE_DEVICES": str(i),
@@ -130,8 +132,52 @@ def test_the_command_writes_the_files(tmp_path: Path) -> None:
                                      "--out", str(out), "--state", "redis://r:6379/0"])
     assert done.exit_code == 0, done.output
     assert sorted(p.name for p in out.iterdir()) == [
-        "corral.service", "corral.yaml", "ollama-gpu0.service", "ollama-gpu1.service"]
-    assert "systemctl daemon-reload" in done.output
-    assert load_settings_text((out / "corral.yaml").read_text()).state == "redis://r:6379/0"
+        "corral.service", "corral.sysusers", "corral.yaml", "ollama-gpu0.service",
+        "ollama-gpu1.service"]
+    # The install steps make the user before giving it the configuration, and check
+    # the configuration as that user.
+    steps = done.output.splitlines()
+    order = [next(i for i, line in enumerate(steps) if word in line)
+             for word in ("systemd-sysusers", "-g corral -m 0640", "sudo -u corral corral check",
+                          "systemctl daemon-reload")]
+    assert order == sorted(order), done.output
+    settings = load_settings_text((out / "corral.yaml").read_text())
+    # With Redis the ledger is kept there, so no file is named.
+    assert settings.state == "redis://r:6379/0" and settings.usage.path is None
     refused = CliRunner().invoke(main, ["systemd", "--gpus", "a,b"])
     assert refused.exit_code == 2 and "'a' is not a GPU index" in refused.output
+
+
+def test_the_ledger_is_kept_in_the_units_state_directory() -> None:
+    """ProtectSystem=strict leaves the configuration's directory read-only to the
+    service: the ledger goes to the one directory systemd makes writable for it."""
+    files = units(_plan())
+    service = dict(parse_unit(files["corral.service"])["Service"])
+    assert service["ProtectSystem"] == "strict"
+    assert service["StateDirectory"] == "corral"
+    settings = load_settings_text(files["corral.yaml"], "corral.yaml")
+    assert settings.state == "memory"
+    assert settings.usage.path == "/var/lib/corral/usage.sqlite3"
+
+
+def test_the_sysusers_entry_makes_the_user_the_unit_runs_as(tmp_path: Path) -> None:
+    sysusers = shutil.which("systemd-sysusers")
+    if sysusers is None:
+        pytest.fail("systemd-sysusers is not on PATH: this test runs it on the generated "
+                    "entry (install the systemd package)", pytrace=False)
+    files = units(_plan())
+    service = dict(parse_unit(files["corral.service"])["Service"])
+    entry = tmp_path / "corral.conf"
+    entry.write_text(files["corral.sysusers"])
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    # --root: the users are written to root/etc/passwd, not to this machine's.
+    done = subprocess.run([sysusers, f"--root={root}", str(entry)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    users = {line.split(":")[0]: line.split(":") for line in
+             (root / "etc" / "passwd").read_text().splitlines()}
+    groups = {line.split(":")[0] for line in (root / "etc" / "group").read_text().splitlines()}
+    assert service["User"] in users and service["Group"] in groups
+    assert int(users[service["User"]][2]) < 1000                # a system user
+    assert users[service["User"]][6].endswith("/nologin")     # no login shell
