@@ -5,7 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from corral.jobs.callbacks import backoff_s, callback_refusal, payload
+from corral.jobs.callbacks import callback_refusal, payload
+from corral.jobs.delivery import backoff_ms
 from corral.jobs.store import CallbackState, JobRecord, JobStatus
 
 # --- allowed hosts -----------------------------------------------------------------------
@@ -51,4 +52,4 @@ def test_callback_payload_is_the_job_document_without_delivery_state() -> None:
 
 
 def test_callback_backoff_doubles_up_to_30s() -> None:
-    assert [backoff_s(n) for n in (1, 2, 3, 10)] == [1, 2, 4, 30]
+    assert [backoff_ms(n) for n in (1, 2, 3, 10)] == [1000, 2000, 4000, 30_000]
