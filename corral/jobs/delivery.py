@@ -17,7 +17,7 @@ callback claimable again by anyone; the lapsed attempt counts, so a callback who
 every holder dies still ends. The attempt number is the fence: a report or refresh
 names the attempt it is about, and only the current one may change the state.
 
-Invariants (checked by ``tests/unit/test_jobs_delivery_protocol.py``, a stateful
+Invariants (checked by ``tests/contract/test_callback_delivery.py``, a stateful
 test with crashes, pauses past the lease and duplicated messages, against the memory
 and the Redis store):
 

@@ -476,6 +476,18 @@ async def test_a_lapsed_callback_lease_passes_to_another_replica(
     assert not await jobs.refresh_callback(jid("a"), "alive", 2, LEASE)
 
 
+async def test_a_late_2xx_does_not_undo_a_final_failure(jobs: JobStore,
+                                                         clock: FakeClock) -> None:
+    await finished_with_callback(jobs, "a")
+    await jobs.claim_callback("paused", LEASE, 2)
+    clock.advance(LEASE)
+    await jobs.claim_callback("r2", LEASE, 2)
+    failed = await jobs.report_callback(jid("a"), "r2", 2, Outcome(False, "refused"), 2)
+    assert failed is not None and failed.status == "failed"
+    # The paused replica's attempt was answered 2xx after all: too late, final is final.
+    assert await jobs.report_callback(jid("a"), "paused", 1, Outcome(True), 2) == failed
+
+
 async def test_a_callback_whose_last_attempt_lapsed_fails(jobs: JobStore,
                                                           clock: FakeClock) -> None:
     await finished_with_callback(jobs, "a")
