@@ -10,6 +10,8 @@
 -- KEYS[4] pending  hash: owner -> unfinished jobs
 -- KEYS[5] index    zset: every job id, score = creation (ms)
 -- KEYS[6] seq      counter of arrivals
+-- KEYS[7] callbacks zset: finished jobs' pending callbacks, score = when one may be
+--                  claimed (ms): at once, after a backoff, or when the holder's lease ends
 -- ARGV[1] now in ms, or "" to read the server's TIME (one clock for all replicas)
 -- ARGV[2] operation; ARGV[3] prefix of job hashes ("job:<id>") and owner indexes
 -- ("owner:<owner>"); ARGV[4..] the operation's arguments, below.
@@ -20,8 +22,8 @@
 -- The shared prelude (replication mode, `now`, `int`, `floordiv`) is prepended when
 -- the script is loaded: corral/limits/storage/prelude.lua.
 
-local READY, DELAYED, RUNNING, PENDING, INDEX, SEQ =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local READY, DELAYED, RUNNING, PENDING, INDEX, SEQ, CALLBACKS =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local op, prefix = ARGV[2], ARGV[3]
 
 local function jobkey(id) return prefix .. 'job:' .. id end
@@ -42,7 +44,8 @@ local function holder(id, worker)
   return v[1] == 'running' and v[2] == worker
 end
 
--- Finished: out of every queue, body and credential dropped, expires after ttl.
+-- Finished: out of every queue, body and credential dropped, expires after ttl; a
+-- callback_url makes the callback deliverable in the same step (delivery.deliverable).
 local function finalize(id, status, result, err, http_status, ttl)
   local key = jobkey(id)
   redis.call('ZREM', READY, id)
@@ -54,10 +57,29 @@ local function finalize(id, status, result, err, http_status, ttl)
              'error', err, 'http_status', http_status, 'worker', '', 'not_before', '')
   redis.call('HDEL', key, 'body', 'auth')
   redis.call('PEXPIRE', key, ttl)
+  local url = redis.call('HGET', key, 'callback_url')
+  if url and url ~= '' then
+    redis.call('HSET', key, 'cb_status', 'pending', 'cb_attempts', 0, 'cb_error', '',
+               'cb_holder', '', 'cb_due', int(now))
+    redis.call('ZADD', CALLBACKS, int(now), id)
+  end
+end
+
+-- The callback's state (delivery.CallbackState), for the caller.
+local CB_FIELDS = {'cb_status', 'cb_attempts', 'cb_error', 'cb_holder', 'cb_due', 'delivery'}
+local function callback_state(key)
+  return redis.call('HMGET', key, unpack(CB_FIELDS))
+end
+
+-- delivery.holds: the holder is making this attempt, and nobody has claimed since.
+local function holds_callback(key, holder, attempt)
+  local v = redis.call('HMGET', key, 'cb_status', 'cb_holder', 'cb_attempts')
+  return v[1] == 'pending' and v[2] == holder and v[3] == attempt
 end
 
 if op == 'submit' then
   -- id owner priority endpoint model client_ip callback_url body auth max max_per_client
+  -- delivery_id
   local id, owner, priority = ARGV[4], ARGV[5], tonumber(ARGV[6])
   local unfinished = redis.call('ZCARD', READY) + redis.call('ZCARD', DELAYED)
                      + redis.call('ZCARD', RUNNING)
@@ -71,7 +93,7 @@ if op == 'submit' then
              'endpoint', ARGV[7], 'model', ARGV[8], 'client_ip', ARGV[9],
              'callback_url', ARGV[10], 'body', ARGV[11], 'auth', ARGV[12],
              'status', 'queued', 'created', int(now), 'attempts', 0, 'failures', 0,
-             'sort', int(sort))
+             'sort', int(sort), 'delivery', ARGV[15])
   redis.call('ZADD', READY, int(sort), id)
   redis.call('HINCRBY', PENDING, owner, 1)
   redis.call('ZADD', INDEX, int(now), id)
@@ -178,11 +200,73 @@ if op == 'cancel' then
   return {before, redis.call('HGETALL', jobkey(id))}
 end
 
-if op == 'callback' then
-  -- id state; a job that has expired is not brought back
+if op == 'claim_callback' then
+  -- holder lease_ms tries lapsed_error; delivery.claim on the first due callback
+  local holder, lease, tries = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+  -- Bounded work per call: a caller that gets nothing polls again.
+  for _ = 1, 100 do
+    local head = redis.call('ZRANGEBYSCORE', CALLBACKS, '-inf', int(now), 'LIMIT', 0, 1)
+    if #head == 0 then return {} end
+    local id = head[1]
+    local key = jobkey(id)
+    local v = redis.call('HMGET', key, 'cb_status', 'cb_holder', 'cb_attempts', 'cb_error')
+    if v[1] ~= 'pending' then
+      redis.call('ZREM', CALLBACKS, id)       -- the job expired, or the callback is final
+    else
+      -- A holder still named here never reported: its lease lapsed mid-attempt.
+      local err = v[4]
+      if v[2] and v[2] ~= '' then err = ARGV[7] end
+      local attempts = tonumber(v[3])
+      if attempts >= tries then
+        redis.call('ZREM', CALLBACKS, id)
+        redis.call('HSET', key, 'cb_status', 'failed', 'cb_error', err, 'cb_holder', '',
+                   'cb_due', '')
+      else
+        redis.call('HSET', key, 'cb_attempts', attempts + 1, 'cb_error', err,
+                   'cb_holder', holder, 'cb_due', int(now + lease))
+        redis.call('ZADD', CALLBACKS, int(now + lease), id)
+        return {'ok', redis.call('HGETALL', key)}
+      end
+    end
+  end
+  return {}
+end
+
+if op == 'refresh_callback' then
+  -- id holder attempt lease_ms; delivery.refresh
   local key = jobkey(ARGV[4])
-  if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, 'callback', ARGV[5]) end
+  if not holds_callback(key, ARGV[5], ARGV[6]) then return 0 end
+  local due = int(now + tonumber(ARGV[7]))
+  redis.call('HSET', key, 'cb_due', due)
+  redis.call('ZADD', CALLBACKS, due, ARGV[4])
   return 1
+end
+
+if op == 'report_callback' then
+  -- id holder attempt delivered error give_up tries retry_ms; delivery.report.
+  -- Returns the callback's state after it, {} when the job is gone.
+  local id, holder, attempt = ARGV[4], ARGV[5], ARGV[6]
+  local key = jobkey(id)
+  local status = redis.call('HGET', key, 'cb_status')
+  if not status then return {} end
+  if status ~= 'pending' then return callback_state(key) end
+  if ARGV[7] == '1' then
+    -- Whoever got the 2xx: the receiver has it, even from a former holder.
+    redis.call('HSET', key, 'cb_status', 'delivered', 'cb_error', '', 'cb_holder', '',
+               'cb_due', '')
+    redis.call('ZREM', CALLBACKS, id)
+  elseif holds_callback(key, holder, attempt) then
+    if ARGV[9] == '1' or tonumber(attempt) >= tonumber(ARGV[10]) then
+      redis.call('HSET', key, 'cb_status', 'failed', 'cb_error', ARGV[8], 'cb_holder', '',
+                 'cb_due', '')
+      redis.call('ZREM', CALLBACKS, id)
+    else
+      local due = int(now + tonumber(ARGV[11]))
+      redis.call('HSET', key, 'cb_error', ARGV[8], 'cb_holder', '', 'cb_due', due)
+      redis.call('ZADD', CALLBACKS, due, id)
+    end
+  end
+  return callback_state(key)
 end
 
 return redis.error_reply('unknown job operation ' .. tostring(op))

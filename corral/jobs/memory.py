@@ -5,7 +5,9 @@ Lua script on Redis. A restart loses the jobs: use Redis when that matters.
 
 The ready queue and the retry queue are heaps with lazy deletion: an entry is
 valid only while the job is still queued with the same sort key (or not-before
-time), so cancelling is O(1) and claiming O(log n).
+time), so cancelling is O(1) and claiming O(log n). Callbacks are a third heap, by
+the time each may be claimed, validated the same way; their state changes are the
+pure functions of ``delivery.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from corral.jobs import delivery
 from corral.jobs.store import (
     LIST_SCAN,
     Bounds,
@@ -26,6 +29,7 @@ from corral.jobs.store import (
     JobRecord,
     JobStatus,
     NewJob,
+    Outcome,
     QueueFull,
     Retry,
 )
@@ -44,6 +48,7 @@ class _Entry:
     sort: int
     lease_until: int = 0
     expires_ms: int | None = None
+    delivery_id: str = ""
 
 
 class MemoryJobStore:
@@ -63,6 +68,7 @@ class MemoryJobStore:
         self._delayed: list[tuple[int, str]] = []   # (not_before, id)
         self._running: dict[str, None] = {}
         self._expiry: deque[tuple[int, str]] = deque()
+        self._callbacks: list[tuple[int, str]] = []     # (due, id)
 
     # -- helpers --------------------------------------------------------------------
 
@@ -110,6 +116,15 @@ class MemoryJobStore:
             failures=rec.failures if failures is None else failures)
         entry.expires_ms = now + ttl_ms
         self._expiry.append((entry.expires_ms, rec.id))
+        if rec.callback_url is not None:
+            # In the same step as the outcome: no moment when the job is finished and
+            # its callback belongs to nobody.
+            self._set_callback(entry, delivery.deliverable(entry.delivery_id or rec.id, now))
+
+    def _set_callback(self, entry: _Entry, state: CallbackState) -> None:
+        entry.record = dataclasses.replace(entry.record, callback=state)
+        if state.due_ms is not None:
+            heapq.heappush(self._callbacks, (state.due_ms, entry.record.id))
 
     def _enqueue(self, entry: _Entry, now: int, delay_ms: int) -> None:
         if delay_ms > 0:
@@ -139,7 +154,7 @@ class MemoryJobStore:
             model=job.model, status=JobStatus.QUEUED, created_ms=now,
             client_ip=job.client_ip, callback_url=job.callback_url, body=job.body,
             credentials=job.credentials)
-        entry = _Entry(record, sort)
+        entry = _Entry(record, sort, delivery_id=job.delivery_id)
         self._jobs[job.id] = entry
         self._by_owner.setdefault(job.owner, {})[job.id] = None
         self._pending[job.owner] = self._pending.get(job.owner, 0) + 1
@@ -263,10 +278,51 @@ class MemoryJobStore:
                     break
         return out
 
-    async def set_callback(self, job_id: str, state: CallbackState) -> None:
+    async def claim_callback(self, holder: str, lease_ms: int,
+                             tries: int) -> JobRecord | None:
+        now = self._clock()
+        while self._callbacks and self._callbacks[0][0] <= now:
+            due, job_id = heapq.heappop(self._callbacks)
+            entry = self._live(job_id, now)
+            state = None if entry is None else entry.record.callback
+            if entry is None or state is None or state.due_ms != due:
+                continue        # stale: expired, refreshed, reported since
+            after = delivery.claim(state, holder, now, lease_ms, tries)
+            if after is None:
+                continue
+            self._set_callback(entry, after)
+            if not after.final:
+                return entry.record
+        return None
+
+    def _callback(self, job_id: str) -> tuple[_Entry, CallbackState] | None:
         entry = self._live(job_id, self._clock())
-        if entry is not None:
-            entry.record = dataclasses.replace(entry.record, callback=state)
+        if entry is None or entry.record.callback is None:
+            return None
+        return entry, entry.record.callback
+
+    async def refresh_callback(self, job_id: str, holder: str, attempt: int,
+                               lease_ms: int) -> bool:
+        found = self._callback(job_id)
+        if found is None:
+            return False
+        after = delivery.refresh(found[1], holder, attempt, self._clock(), lease_ms)
+        if after is None:
+            return False
+        self._set_callback(found[0], after)
+        return True
+
+    async def report_callback(self, job_id: str, holder: str, attempt: int,
+                              outcome: Outcome, tries: int) -> CallbackState | None:
+        found = self._callback(job_id)
+        if found is None:
+            return None
+        entry, state = found
+        after = delivery.report(state, holder, attempt, outcome, self._clock(), tries)
+        if after is None:
+            return state
+        self._set_callback(entry, after)
+        return after
 
     async def counts(self) -> dict[str, int]:
         running = len(self._running)

@@ -7,8 +7,9 @@ EVALSHA), so it is atomic across replicas. A job is written before the client he
 are plain commands.
 
 Keys, under a prefix (``corral:jobs:`` by default): ``ready``, ``delayed``,
-``running``, ``pending``, ``index``, ``seq``, ``job:<id>`` (a hash; a TTL once the
-job has finished) and ``owner:<owner>`` (that client's ids by creation).
+``running``, ``pending``, ``index``, ``seq``, ``callbacks``, ``job:<id>`` (a hash; a
+TTL once the job has finished; its callback's state in the ``cb_*`` fields) and
+``owner:<owner>`` (that client's ids by creation).
 
 Failures: any connection, timeout or server error becomes :class:`StoreError`.
 """
@@ -25,6 +26,7 @@ from redis.asyncio import Redis
 from redis.asyncio import from_url as redis_from_url
 from redis.exceptions import RedisError
 
+from corral.jobs.delivery import LAPSED, backoff_ms
 from corral.jobs.store import (
     LIST_SCAN,
     Bounds,
@@ -33,6 +35,7 @@ from corral.jobs.store import (
     JobRecord,
     JobStatus,
     NewJob,
+    Outcome,
     QueueFull,
     Retry,
     StoreError,
@@ -46,7 +49,8 @@ _REAP_ERROR = "the replica running this job stopped refreshing its lease"
 # Fields a listing needs: never the result, the request body or the credential.
 _SUMMARY = ("id", "owner", "priority", "endpoint", "model", "status", "created",
             "client_ip", "callback_url", "started", "finished", "attempts", "failures",
-            "not_before", "error", "http_status", "callback")
+            "not_before", "error", "http_status", "delivery", "cb_status", "cb_attempts",
+            "cb_error", "cb_holder", "cb_due", "callback")
 
 
 @cache
@@ -65,10 +69,21 @@ def _opt_str(value: bytes | None) -> str | None:
     return value.decode() if value else None
 
 
+def callback_from_fields(f: Mapping[bytes, bytes | None]) -> CallbackState | None:
+    status = f.get(b"cb_status")
+    if not status:
+        legacy = f.get(b"callback")     # written by an earlier version: outcome only
+        return CallbackState(**orjson.loads(legacy)) if legacy else None
+    return CallbackState(
+        status=status.decode(), attempts=int(f.get(b"cb_attempts") or 0),
+        error=_opt_str(f.get(b"cb_error")),
+        delivery_id=(f.get(b"delivery") or f.get(b"id") or b"").decode(),
+        holder=_opt_str(f.get(b"cb_holder")), due_ms=_opt_int(f.get(b"cb_due")))
+
+
 def record_from_fields(f: Mapping[bytes, bytes | None]) -> JobRecord:
     """A job hash (bytes → bytes) as a record; empty fields are absent values."""
     auth = f.get(b"auth")
-    callback = f.get(b"callback")
     return JobRecord(
         id=(f.get(b"id") or b"").decode(), owner=(f.get(b"owner") or b"").decode(),
         priority=int(f.get(b"priority") or 1), endpoint=(f.get(b"endpoint") or b"").decode(),
@@ -84,7 +99,7 @@ def record_from_fields(f: Mapping[bytes, bytes | None]) -> JobRecord:
         result=f.get(b"result") or None, body=f.get(b"body") or None,
         credentials=tuple((str(k), str(v)) for k, v in orjson.loads(auth)) if auth else (),
         worker=_opt_str(f.get(b"worker")),
-        callback=CallbackState(**orjson.loads(callback)) if callback else None,
+        callback=callback_from_fields(f),
     )
 
 
@@ -102,7 +117,7 @@ class RedisJobStore:
         self._clock = clock
         self._owns_client = owns_client
         self._keys = [prefix + k for k in ("ready", "delayed", "running", "pending",
-                                           "index", "seq")]
+                                           "index", "seq", "callbacks")]
         self._script = client.register_script(_script_text())
 
     @classmethod
@@ -140,7 +155,7 @@ class RedisJobStore:
             "submit", job.id, job.owner, job.priority, job.endpoint, job.model,
             job.client_ip, job.callback_url or "", job.body,
             orjson.dumps([list(c) for c in job.credentials]) if job.credentials else "",
-            bounds.max_queued, bounds.max_queued_per_client)
+            bounds.max_queued, bounds.max_queued_per_client, job.delivery_id)
         if out[0] == b"full":
             raise QueueFull(out[1].decode())
         return record_from_fields(_pairs(out[1]))
@@ -216,9 +231,26 @@ class RedisJobStore:
             await self._call("list", lambda: self._client.zrem(index, *gone))
         return out
 
-    async def set_callback(self, job_id: str, state: CallbackState) -> None:
-        doc = {"status": state.status, "attempts": state.attempts, "error": state.error}
-        await self._run("callback", job_id, orjson.dumps(doc))
+    async def claim_callback(self, holder: str, lease_ms: int,
+                             tries: int) -> JobRecord | None:
+        out = await self._run("claim_callback", holder, max(1, lease_ms), tries, LAPSED)
+        return record_from_fields(_pairs(out[1])) if out else None
+
+    async def refresh_callback(self, job_id: str, holder: str, attempt: int,
+                               lease_ms: int) -> bool:
+        out = await self._run("refresh_callback", job_id, holder, attempt, max(1, lease_ms))
+        return bool(out == 1)
+
+    async def report_callback(self, job_id: str, holder: str, attempt: int,
+                              outcome: Outcome, tries: int) -> CallbackState | None:
+        out = await self._run("report_callback", job_id, holder, attempt,
+                              "1" if outcome.delivered else "0", outcome.error or "",
+                              "1" if outcome.give_up else "0", tries, backoff_ms(attempt))
+        if not out:
+            return None
+        return callback_from_fields(dict(zip(
+            (b"cb_status", b"cb_attempts", b"cb_error", b"cb_holder", b"cb_due", b"delivery"),
+            out, strict=True)) | {b"id": job_id.encode()})
 
     async def counts(self) -> dict[str, int]:
         async def fetch() -> Any:

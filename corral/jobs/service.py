@@ -77,7 +77,8 @@ class JobService:
         priority = self.priority_of(client.tier)
         job = NewJob(id=secrets.token_hex(16), owner=client.name, priority=int(priority),
                      endpoint=sub.endpoint, model=sub.model, body=sub.body,
-                     credentials=creds, client_ip=client.ip, callback_url=sub.callback_url)
+                     credentials=creds, client_ip=client.ip, callback_url=sub.callback_url,
+                     delivery_id=secrets.token_hex(16) if sub.callback_url else "")
         record = await self.store.submit(job, Bounds(cfg.max_queued, cfg.max_queued_per_client))
         self.workers.wake()
         return record

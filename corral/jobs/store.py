@@ -18,6 +18,10 @@ job whose lease lapsed (its replica died or hung) is put back by ``reap``. A
 refresh that answers False means the job is no longer the worker's (cancelled, or
 reaped): the worker must abandon it.
 
+Callbacks: the operation that finishes a job with a ``callback_url`` makes its
+callback deliverable in the same step; ``claim_callback``, ``refresh_callback`` and
+``report_callback`` lease its attempts to replicas, as ``delivery.py`` specifies.
+
 Times are milliseconds of the store's clock: the memory store's (wall clock by
 default), Redis's ``TIME`` (one clock for every replica).
 
@@ -32,6 +36,10 @@ from enum import StrEnum
 from typing import Protocol
 
 import orjson
+
+# Re-exported: the callback's state is part of a job record.
+from corral.jobs.delivery import CallbackState as CallbackState
+from corral.jobs.delivery import Outcome as Outcome
 
 # Scanning for ``list`` stops after this many of the newest jobs: a listing is a
 # convenience for people, and must stay cheap however many jobs a client has.
@@ -62,15 +70,6 @@ _FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLE
 
 
 @dataclass(frozen=True, slots=True)
-class CallbackState:
-    """How delivery of the finished job to its ``callback_url`` went."""
-
-    status: str                 # pending | delivered | failed
-    attempts: int = 0
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class NewJob:
     id: str
     owner: str                  # the submitting client's name: key name, or IP
@@ -83,6 +82,8 @@ class NewJob:
     credentials: tuple[tuple[str, str], ...] = ()
     client_ip: str = ""
     callback_url: str | None = None
+    # Sent with every attempt of the callback (``X-Corral-Delivery``), on every replica.
+    delivery_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +181,22 @@ class JobStore(Protocol):
         when None); records without ``result``, ``body`` and credential."""
         ...
 
-    async def set_callback(self, job_id: str, state: CallbackState) -> None:
-        """Record the callback's progress (nothing if the job has expired)."""
+    async def claim_callback(self, holder: str, lease_ms: int,
+                             tries: int) -> JobRecord | None:
+        """Take the next attempt of the first due callback (``delivery.claim``): the
+        job, whose ``callback`` names ``holder`` and the attempt's number. Callbacks
+        whose job has expired are dropped; one whose last attempt lapsed fails."""
+        ...
+
+    async def refresh_callback(self, job_id: str, holder: str, attempt: int,
+                               lease_ms: int) -> bool:
+        """Extend the attempt's lease; False when it is no longer the holder's."""
+        ...
+
+    async def report_callback(self, job_id: str, holder: str, attempt: int,
+                              outcome: Outcome, tries: int) -> CallbackState | None:
+        """Record how the attempt went (``delivery.report``); the callback's state
+        after it (unchanged when the report changes nothing), None if the job is gone."""
         ...
 
     async def counts(self) -> dict[str, int]:
@@ -220,7 +235,8 @@ def document(record: JobRecord, *, with_result: bool = True) -> dict[str, object
         "callback_url": record.callback_url,
         "callback": None if record.callback is None else {
             "status": record.callback.status, "attempts": record.callback.attempts,
-            "error": record.callback.error},
+            "error": record.callback.error,
+            "delivery_id": record.callback.delivery_id},
     }
     if with_result:
         doc["result"] = orjson.Fragment(record.result) if record.result else None

@@ -8,6 +8,7 @@ are tested without sleeping.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 
@@ -22,6 +23,7 @@ from corral.jobs.store import (
     JobStatus,
     JobStore,
     NewJob,
+    Outcome,
     QueueFull,
     Retry,
 )
@@ -350,15 +352,179 @@ async def test_bounds_in_all_and_per_client(jobs: JobStore) -> None:
 
 # --- callbacks ------------------------------------------------------------------------
 
+TRIES = 3
+HOOK = "http://cb/x"
 
-async def test_callback_outcome_is_recorded(jobs: JobStore) -> None:
-    await jobs.submit(new("a", callback="http://cb/x"), WIDE)
+
+def with_callback(name: str) -> NewJob:
+    return dataclasses.replace(new(name, callback=HOOK), delivery_id="d-" + name)
+
+
+async def finished_with_callback(jobs: JobStore, name: str) -> None:
+    await jobs.submit(with_callback(name), WIDE)
+    record = await jobs.claim("w1", LEASE)
+    assert record is not None and record.id == jid(name)
+    await jobs.finish(jid(name), "w1", Ending(JobStatus.SUCCEEDED, b'{"response":"hi"}'),
+                      TTL)
+
+
+async def test_finishing_a_job_makes_its_callback_deliverable(jobs: JobStore,
+                                                              clock: FakeClock) -> None:
+    await jobs.submit(with_callback("a"), WIDE)
+    await jobs.submit(new("plain"), WIDE)
+    assert await jobs.claim_callback("r1", LEASE, TRIES) is None    # nothing finished yet
+    await jobs.claim("w1", LEASE)
+    done = await jobs.finish(jid("a"), "w1", Ending(JobStatus.SUCCEEDED, b"{}"), TTL)
+    assert done is not None and done.callback is not None
+    assert (done.callback.status, done.callback.attempts, done.callback.delivery_id) == (
+        "pending", 0, "d-a")
+    await jobs.claim("w1", LEASE)
+    await jobs.finish(jid("plain"), "w1", Ending(JobStatus.SUCCEEDED, b"{}"), TTL)
+    got = await jobs.claim_callback("r1", LEASE, TRIES)
+    # The whole job, to send; the attempt leased to its holder.
+    assert got is not None and got.id == jid("a") and got.result == b"{}"
+    assert got.callback == CallbackState("pending", 1, None, "d-a", "r1",
+                                         clock.now_ms + LEASE)
+    # One holder at a time; a job without callback_url has no callback.
+    assert await jobs.claim_callback("r2", LEASE, TRIES) is None
+    plain = await jobs.get(jid("plain"))
+    assert plain is not None and plain.callback is None
+
+
+async def test_delivery_id_defaults_to_the_job_id(jobs: JobStore) -> None:
+    await jobs.submit(new("a", callback=HOOK), WIDE)
     await jobs.claim("w1", LEASE)
     await jobs.finish(jid("a"), "w1", Ending(JobStatus.SUCCEEDED, b"{}"), TTL)
-    await jobs.set_callback(jid("a"), CallbackState("failed", 3, "the receiver answered 500"))
+    got = await jobs.claim_callback("r1", LEASE, TRIES)
+    assert got is not None and got.callback is not None
+    assert got.callback.delivery_id == jid("a")
+
+
+async def test_a_delivered_callback_is_final(jobs: JobStore) -> None:
+    await finished_with_callback(jobs, "a")
+    await jobs.claim_callback("r1", LEASE, TRIES)
+    after = await jobs.report_callback(jid("a"), "r1", 1, Outcome(True), TRIES)
+    assert after is not None and (after.status, after.attempts, after.holder) == (
+        "delivered", 1, None)
+    # The same report again (its first answer lost) changes nothing.
+    assert await jobs.report_callback(jid("a"), "r1", 1, Outcome(True), TRIES) == after
+    assert await jobs.report_callback(jid("a"), "r1", 1, Outcome(False, "x"), TRIES) == after
+    assert not await jobs.refresh_callback(jid("a"), "r1", 1, LEASE)
+    assert await jobs.claim_callback("r1", LEASE, TRIES) is None
     got = await jobs.get(jid("a"))
-    assert got is not None
-    assert got.callback == CallbackState("failed", 3, "the receiver answered 500")
-    # Recording for a job that is gone does not bring it back.
-    await jobs.set_callback(jid("gone"), CallbackState("delivered", 1))
-    assert await jobs.get(jid("gone")) is None
+    assert got is not None and got.callback == after
+    assert await jobs.report_callback(jid("gone"), "r1", 1, Outcome(True), TRIES) is None
+
+
+async def test_a_failed_attempt_is_retried_after_a_backoff_until_tries_run_out(
+        jobs: JobStore, clock: FakeClock) -> None:
+    await finished_with_callback(jobs, "a")
+    for attempt, wait in ((1, 1000), (2, 2000)):
+        got = await jobs.claim_callback("r1", LEASE, TRIES)
+        assert got is not None and got.callback is not None
+        assert got.callback.attempts == attempt
+        after = await jobs.report_callback(jid("a"), "r1", attempt,
+                                           Outcome(False, "the receiver answered 500"), TRIES)
+        assert after is not None
+        assert (after.status, after.error, after.holder, after.due_ms) == (
+            "pending", "the receiver answered 500", None, clock.now_ms + wait)
+        # Reported twice: the second finds no attempt of its own, and changes nothing.
+        assert await jobs.report_callback(jid("a"), "r1", attempt,
+                                          Outcome(False, "again"), TRIES) == after
+        clock.advance(wait - 1)
+        assert await jobs.claim_callback("r2", LEASE, TRIES) is None
+        clock.advance(1)
+    got = await jobs.claim_callback("r2", LEASE, TRIES)     # any replica may take it
+    assert got is not None and got.callback is not None and got.callback.attempts == 3
+    after = await jobs.report_callback(jid("a"), "r2", 3, Outcome(False, "timeout"), TRIES)
+    assert after is not None and (after.status, after.attempts, after.error) == (
+        "failed", 3, "timeout")
+    clock.advance(60_000)
+    assert await jobs.claim_callback("r1", LEASE, TRIES) is None
+
+
+async def test_giving_up_fails_the_callback_at_once(jobs: JobStore) -> None:
+    await finished_with_callback(jobs, "a")
+    await jobs.claim_callback("r1", LEASE, TRIES)
+    after = await jobs.report_callback(jid("a"), "r1", 1,
+                                       Outcome(False, "host not allowed", give_up=True), TRIES)
+    assert after is not None and (after.status, after.attempts) == ("failed", 1)
+
+
+async def test_a_lapsed_callback_lease_passes_to_another_replica(
+        jobs: JobStore, clock: FakeClock) -> None:
+    await finished_with_callback(jobs, "a")
+    assert await jobs.claim_callback("dead", LEASE, TRIES) is not None
+    clock.advance(LEASE - 1000)
+    assert await jobs.refresh_callback(jid("a"), "dead", 1, LEASE)   # alive, for now
+    clock.advance(LEASE - 1)
+    assert await jobs.claim_callback("alive", LEASE, TRIES) is None
+    clock.advance(1)
+    got = await jobs.claim_callback("alive", LEASE, TRIES)
+    assert got is not None and got.callback is not None
+    assert (got.callback.attempts, got.callback.holder, got.callback.delivery_id) == (
+        2, "alive", "d-a")
+    assert got.callback.error is not None and "lease" in got.callback.error
+    # The former holder can neither keep the callback nor fail it.
+    assert not await jobs.refresh_callback(jid("a"), "dead", 1, LEASE)
+    after = await jobs.report_callback(jid("a"), "dead", 1, Outcome(False, "x"), TRIES)
+    assert after == got.callback
+    assert await jobs.refresh_callback(jid("a"), "alive", 2, LEASE)
+    # But a 2xx it got counts: the receiver has the callback.
+    after = await jobs.report_callback(jid("a"), "dead", 1, Outcome(True), TRIES)
+    assert after is not None and after.status == "delivered"
+    assert not await jobs.refresh_callback(jid("a"), "alive", 2, LEASE)
+
+
+async def test_a_late_2xx_does_not_undo_a_final_failure(jobs: JobStore,
+                                                         clock: FakeClock) -> None:
+    await finished_with_callback(jobs, "a")
+    await jobs.claim_callback("paused", LEASE, 2)
+    clock.advance(LEASE)
+    await jobs.claim_callback("r2", LEASE, 2)
+    failed = await jobs.report_callback(jid("a"), "r2", 2, Outcome(False, "refused"), 2)
+    assert failed is not None and failed.status == "failed"
+    # The paused replica's attempt was answered 2xx after all: too late, final is final.
+    assert await jobs.report_callback(jid("a"), "paused", 1, Outcome(True), 2) == failed
+
+
+async def test_a_callback_whose_last_attempt_lapsed_fails(jobs: JobStore,
+                                                          clock: FakeClock) -> None:
+    await finished_with_callback(jobs, "a")
+    for attempt in range(1, TRIES + 1):
+        got = await jobs.claim_callback(f"r{attempt}", LEASE, TRIES)
+        assert got is not None and got.callback is not None
+        assert got.callback.attempts == attempt
+        clock.advance(LEASE)
+    assert await jobs.claim_callback("r9", LEASE, TRIES) is None
+    got = await jobs.get(jid("a"))
+    assert got is not None and got.callback is not None
+    assert (got.callback.status, got.callback.attempts) == ("failed", TRIES)
+    assert got.callback.error is not None and "lease" in got.callback.error
+
+
+async def test_cancelled_and_reaped_jobs_have_their_callback_too(
+        jobs: JobStore, clock: FakeClock) -> None:
+    await jobs.submit(with_callback("cancelled"), WIDE)
+    await jobs.submit(with_callback("reaped"), WIDE)
+    await jobs.cancel(jid("cancelled"), TTL)
+    assert await claimed(jobs, "dead") == "reaped"
+    clock.advance(LEASE)
+    assert [r.id for r in await jobs.reap(1, TTL)] == [jid("reaped")]
+    taken = []
+    while (got := await jobs.claim_callback("r1", LEASE, TRIES)) is not None:
+        assert got.callback is not None
+        taken.append((got.id.rstrip("0"), got.status, got.callback.delivery_id))
+    assert sorted(taken) == [("cancelled", JobStatus.CANCELLED, "d-cancelled"),
+                             ("reaped", JobStatus.FAILED, "d-reaped")]
+
+
+async def test_the_callback_of_an_expired_job_is_dropped(jobs: JobStore,
+                                                         clock: FakeClock) -> None:
+    await finished_with_callback(jobs, "a")
+    clock.advance(TTL)
+    if isinstance(jobs, RedisJobStore):
+        await _expire_in_redis(jobs, jid("a"))
+    assert await jobs.claim_callback("r1", LEASE, TRIES) is None
+    assert not await jobs.refresh_callback(jid("a"), "r1", 1, LEASE)
+    assert await jobs.report_callback(jid("a"), "r1", 1, Outcome(True), TRIES) is None

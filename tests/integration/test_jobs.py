@@ -151,7 +151,8 @@ async def test_callbacks_are_delivered_and_their_outcome_recorded(
     arrived = asyncio.Event()
 
     async def hook(request: web.Request) -> web.Response:
-        received.append({"body": await request.json(), "job": request.headers["X-Corral-Job"]})
+        received.append({"body": await request.json(), "job": request.headers["X-Corral-Job"],
+                         "delivery": request.headers["X-Corral-Delivery"]})
         arrived.set()
         return web.Response(status=204)
 
@@ -173,15 +174,16 @@ async def test_callbacks_are_delivered_and_their_outcome_recorded(
     assert got["body"]["result"]["done"] is True
     doc = await wait_for(s, gw, job_id, "sk-bob",
                          lambda d: (d["callback"] or {}).get("status") == "delivered")
-    assert doc["callback"] == {"status": "delivered", "attempts": 1, "error": None}
+    assert doc["callback"] == {"status": "delivered", "attempts": 1, "error": None,
+                               "delivery_id": got["delivery"]}
 
     failing = await submit(s, gw, {**GENERATE,
                                    "callback_url": f"http://127.0.0.1:{port}/broken"})
     doc = await wait_for(s, gw, failing, None,
                          lambda d: (d["callback"] or {}).get("status") == "failed")
     assert doc["status"] == "succeeded"         # the job did; only its callback failed
-    assert doc["callback"] == {"status": "failed", "attempts": 2,
-                               "error": "the receiver answered 500"}
+    assert doc["callback"]["status"] == "failed" and doc["callback"]["attempts"] == 2
+    assert doc["callback"]["error"] == "the receiver answered 500"
 
 
 # --- retries --------------------------------------------------------------------------
@@ -336,3 +338,55 @@ async def test_a_stopping_replica_hands_its_job_back_at_once(
     third: Gateway = start_corral(config)
     doc = await wait_for(s, third, job_id, None, finished, timeout=15)
     assert doc["status"] == "succeeded" and doc["attempts"] == 2
+
+
+@pytest.mark.redis
+async def test_a_callback_outlives_the_replica_that_was_delivering_it(
+        start_sim: Any, start_corral: Any, start_redis: Any, receiver: Any,
+        session: aiohttp.ClientSession) -> None:
+    """The replica that finished the job is killed while its first attempt hangs at
+    the receiver; the other replica makes the next attempt, with the same ids."""
+    attempts: list[tuple[str, str, dict[str, Any]]] = []
+    first_arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def hook(request: web.Request) -> web.Response:
+        attempts.append((request.headers["X-Corral-Job"],
+                         request.headers["X-Corral-Delivery"], await request.json()))
+        if len(attempts) == 1:
+            first_arrived.set()
+            await release.wait()        # hangs until its sender is killed
+        return web.Response(status=204)
+
+    port = await receiver({"/hook": hook})
+    redis = start_redis()
+    sim: Sim = start_sim(*FAST)
+    jobs = {"lease": "1s", "poll_interval": "200ms", "callback_timeout": "60s",
+            "callback_tries": 3, "callback_hosts": [f"127.0.0.1:{port}"]}
+    config = {"backends": backends(sim), "state": redis.url, "keys": KEYS, "jobs": jobs}
+    first: Gateway = start_corral(config)
+    s = session
+    job_id = await submit(s, first, {**GENERATE,
+                                     "callback_url": f"http://127.0.0.1:{port}/hook"},
+                          "sk-alice")
+    try:
+        await asyncio.wait_for(first_arrived.wait(), 20)
+        # Only now the second replica: the first attempt was surely the first's.
+        second: Gateway = start_corral({**config, "jobs": {**jobs, "workers": 0}})
+        doc = await wait_for(s, second, job_id, "sk-alice", finished)
+        assert doc["status"] == "succeeded" and doc["attempts"] == 1
+        assert doc["callback"]["status"] == "pending" and doc["callback"]["attempts"] == 1
+        first.proc.kill()                   # SIGKILL, mid-attempt: no report, no handback
+        first.proc.wait()
+        doc = await wait_for(
+            s, second, job_id, "sk-alice",
+            lambda d: d["callback"]["status"] != "pending", timeout=20)
+    finally:
+        release.set()
+    assert doc["callback"]["status"] == "delivered", doc
+    assert doc["callback"]["attempts"] == 2
+    delivery_id = doc["callback"]["delivery_id"]
+    # Twice the same callback, as at-least-once allows: the same job, the same delivery
+    # id on both (so the receiver can drop the repeat), the same document.
+    assert [(job, delivery) for job, delivery, _ in attempts] == [(job_id, delivery_id)] * 2
+    assert attempts[0][2] == attempts[1][2]
+    assert attempts[1][2]["status"] == "succeeded" and attempts[1][2]["result"]["done"]

@@ -89,7 +89,7 @@ def test_document_shows_no_secret_and_embeds_the_result() -> None:
         status=JobStatus.SUCCEEDED, created_ms=1_000, started_ms=1_500, finished_ms=2_250,
         attempts=2, result=b'{"response":"hi","done":true}', body=b'{"secret":1}',
         credentials=(("Authorization", "Bearer sk-alice"),), http_status=200,
-        callback=CallbackState("delivered", 1))
+        callback=CallbackState("delivered", 1, delivery_id="d" * 32, holder="r1"))
     raw = orjson.dumps(document(record))
     assert b"sk-alice" not in raw and b"secret" not in raw
     doc = orjson.loads(raw)
@@ -98,7 +98,8 @@ def test_document_shows_no_secret_and_embeds_the_result() -> None:
         "endpoint": "/api/generate", "model": "llama3.2", "priority": "low",
         "created_at": 1.0, "started_at": 1.5, "finished_at": 2.25, "attempts": 2,
         "retry_at": None, "http_status": 200, "error": None, "callback_url": None,
-        "callback": {"status": "delivered", "attempts": 1, "error": None},
+        "callback": {"status": "delivered", "attempts": 1, "error": None,
+                     "delivery_id": "d" * 32},
         "result": {"response": "hi", "done": True}}
     assert "result" not in document(record, with_result=False)
 
