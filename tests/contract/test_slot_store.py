@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from corral.scheduler.shared.protocol import SlotState
 from corral.scheduler.shared.redis import RedisSlotStore
 from corral.scheduler.shared.store import (
     FLEET,
@@ -289,3 +290,69 @@ async def test_preemptible_requests_are_known_while_they_run(slots: SlotStore) -
     await slots.tell("r2", "preempt low2")
     assert await replica.wait_for(2) == ["grant j2 a low2 resident", "preempt low2"]
     await replica.stop()
+
+
+async def lose_data(store: SlotStore) -> None:
+    """The store restarts without its data (Redis killed and started again at once)."""
+    if isinstance(store, MemorySlotStore):
+        fresh = SlotState()
+        for name in vars(fresh):
+            setattr(store.state, name, getattr(fresh, name))
+        return
+    assert isinstance(store, RedisSlotStore)
+    keys = [k async for k in store.client.scan_iter(match=store.channel("*"))]
+    if keys:
+        await store.client.delete(*keys)
+
+
+async def test_a_store_that_lost_its_data_is_noticed_and_told_again_what_runs(
+        slots: SlotStore, clock: FakeClock) -> None:
+    """No slot is given twice after a restart: the replica that knew the old epoch is
+    refused, records its running leases again, and nobody gets a slot until the grace
+    period is over (every replica has had the time to do the same)."""
+    other = slots.share() if isinstance(slots, MemorySlotStore) else RedisSlotStore(
+        slots.client, prefix=slots.channel(""), clock=clock)
+    await join(other)
+    await slots.acquire([("a", 1)], "running", TTL, "j1", None)
+    await lose_data(slots)
+    with pytest.raises(EpochChanged) as changed:
+        await slots.acquire([("a", 1)], "next", TTL, "j2", None)
+    # The other replica's next word tells it too, and the grace period has begun.
+    beat = await other.heartbeat("r2", b"{}", TTL)
+    assert beat.name == changed.value.epoch != ""
+    assert beat.grace_until > clock()
+    await slots.adopt([("a", "running")], TTL, epoch=changed.value.epoch)
+    await other.adopt([], TTL, epoch=beat.name)
+    # In the grace period no slot is given, even where one is free.
+    assert (await other.acquire([("b", 1)], "x", TTL, "jx", None)).index is None
+    clock.advance(beat.grace_until - clock())
+    assert (await other.acquire([("a", 1)], "y", TTL, "jy", None)).index is None  # held
+    assert await slots.counts(["a", "b"]) == ([1, 0], 0)
+    assert (await slots.release("a", "running", "j1")).released
+    assert (await other.acquire([("a", 1)], "z", TTL, "jz", None)).index == 0
+
+
+async def test_a_store_used_for_the_first_time_has_no_grace_period(
+        slots: SlotStore) -> None:
+    newcomer = slots.share() if isinstance(slots, MemorySlotStore) else RedisSlotStore(
+        slots.client, prefix=slots.channel(""))
+    assert (await newcomer.heartbeat("r9", b"{}", TTL)).name == slots.epoch
+    await newcomer.adopt([], TTL, epoch=slots.epoch)
+    assert (await newcomer.acquire([("a", 1)], "l1", TTL, "j1", None)).index == 0
+
+
+async def test_an_operation_delivered_twice_has_no_second_effect(
+        slots: SlotStore) -> None:
+    """What a client library's retry after a lost answer does: the same call again."""
+    first = await slots.acquire([("a", 2)], "l1", TTL, "j1", None, client="bob", charge=3.0)
+    again = await slots.acquire([("a", 2)], "l1", TTL, "j1", None, client="bob", charge=3.0)
+    assert first == again == Taken(0, 1)
+    assert await slots.counts(["a"]) == ([1], 0)
+    assert await slots.charges() == {"bob": 3.0}
+    # A release is remembered by its lease: sent again (after an outage), it frees
+    # nothing more and corrects the charge once.
+    await slots.acquire([("a", 2)], "l2", TTL, "j2", None)
+    once = await slots.release("a", "l1", "j1", "bob", -1.0)
+    assert await slots.release("a", "l1", "j1", "bob", -1.0) == once
+    assert once.released and await slots.counts(["a"]) == ([1], 0)
+    assert await slots.charges() == {"bob": -1.0}

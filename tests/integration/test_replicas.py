@@ -32,6 +32,7 @@ async def generate(s: aiohttp.ClientSession, gw: Gateway, tokens: int,
         raw = await r.read()
         body = orjson.loads(raw.splitlines()[-1]) if raw.strip() else {}
         body["_status"] = r.status
+        body["_headers"] = dict(r.headers)
     body["_done_at"] = time.monotonic()
     body["_took"] = body["_done_at"] - started
     return body
@@ -364,3 +365,36 @@ async def test_a_person_on_one_replica_preempts_batch_work_running_on_another(
     [run] = [r for r in a.records() if r.get("client_name") == "nightly"]
     assert run["preemptions"] == 1
     assert sim.stats()["cancelled"] == 1 and sim.stats()["max_in_flight"] == 1
+
+
+async def test_a_quick_redis_restart_never_gives_a_running_requests_slot_again(
+        start_sim: Any, start_corral: Any, start_redis: Any, tmp_path: Any) -> None:
+    """Redis killed and started again at once (its data gone) while a request runs: the
+    pooled connections' one retry hides the outage, but the store's new epoch does
+    not — the replica records its running lease again, and no other request gets
+    that slot while it runs; then the full capacity is back."""
+    redis = start_redis()
+    sim = start_sim("--models", M1, "--loaded", M1, "--parallel", "4", "--tps", "100")
+    a, b = replicas(start_corral, redis.url, [sim], 2, slots=1,
+                    **{"queue": {"max_wait": "10s"}})
+    async with aiohttp.ClientSession() as s:
+        long = asyncio.create_task(generate(s, a, 300, "sk-hog"))          # 3 s
+        await running(sim, 1)
+        redis.kill()
+        restarted = _redis_on(redis.port, tmp_path / "redis-again.log")
+        try:
+            second = await generate(s, b, 5, "sk-light")
+            first = await long
+            after = await asyncio.gather(*(generate(s, (a, b)[i % 2], 5) for i in range(4)))
+            shared = a.status()["shared"]
+        finally:
+            restarted.kill()
+            restarted.wait()
+    assert first["_status"] == 200
+    # Sent while the store came back: answered, or refused in a way clients retry.
+    assert second["_status"] == 200 or (second["_status"] == 503
+                                        and "Retry-After" in second["_headers"]), second
+    assert [x["_status"] for x in after] == [200] * 4
+    # The backend never ran two at once: the running request's slot was not given again.
+    assert sim.stats()["max_in_flight"] == 1
+    assert shared["rejoins"] >= 1 and shared["store"] == "ok"

@@ -241,7 +241,7 @@ class Leader:
             if job_id in self.jobs:
                 continue
             job, replica, front = rebuild(descriptor)
-            if alive and replica not in alive:
+            if alive and replica not in alive and self.owner.membership_settled():
                 # Its replica is gone: nobody would take the slot.
                 await self.store.cancel(job_id)
                 continue

@@ -169,7 +169,10 @@ class RedisSlotStore:
                            a.stoppable, *(cap for _, cap in a.backends)])
 
     def _release(self, r: Release) -> Call:
-        return self._call("release", self._op(), [self._lease_key(r.backend)],
+        # Remembered by its lease (a lease is released once): a release sent again
+        # after an outage, when its first answer was lost, frees and corrects nothing
+        # more.
+        return self._call("release", r.lease, [self._lease_key(r.backend)],
                           [r.lease, r.job_id, self.channel(LEADER), r.backend, r.client,
                            repr(float(r.correction))])
 

@@ -100,6 +100,7 @@ class SharedScheduler(Scheduler):
         # (those listed for a full renewal interval, so every replica lists them too).
         self._used: dict[str, int] = {}
         self._members: list[str] = []
+        self._epoch_since = -math.inf          # when this replica joined the epoch
         self._rejoining: asyncio.Task[None] | None = None
         self._unreleased: list[Release] = []   # releases the store did not confirm
         self.rejoins = 0
@@ -297,6 +298,12 @@ class SharedScheduler(Scheduler):
                     "sharing them) until it is back", exc, max(len(self._members), 1))
         self._go_local()
 
+    def membership_settled(self) -> bool:
+        """Whether the store's list of replicas is whole: after a new epoch (the store
+        lost its data) the others show up only with their next heartbeat, and their
+        waiting jobs must not be taken for those of replicas gone."""
+        return self.clock() - self._epoch_since >= self.lease_ms / 1000
+
     def _members_now(self) -> list[str]:
         """The replicas that share the free slots during an outage: those the store
         listed at the last heartbeat. This replica counts itself only once every other
@@ -411,15 +418,14 @@ class SharedScheduler(Scheduler):
                 self._rejoining = asyncio.get_running_loop().create_task(
                     self._record_again(epoch))
             task = self._rejoining
-            await asyncio.shield(task)
-            if task.exception() is None:
-                return
+            await asyncio.shield(task)    # raises what it raised: an outage, say
 
     async def _record_again(self, epoch: str) -> None:
         running = [(j.backend.name, lease) for lease, j in self._held.items()
                    if j.backend is not None]
         first = not self.store.epoch
         await self.store.adopt(running, self.lease_ms, epoch=epoch)
+        self._epoch_since = self.clock()
         if first and not running and not self._pending:
             log.info("joined the shared slot store (epoch %s)", epoch)
             return
@@ -515,7 +521,7 @@ class SharedScheduler(Scheduler):
             return
         try:
             results = await self.store.run([op for op, _ in batch])
-        except SlotStoreError as exc:
+        except (SlotStoreError, EpochChanged) as exc:
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
@@ -528,8 +534,12 @@ class SharedScheduler(Scheduler):
                          correction: float) -> None:
         try:
             done = await self.store.release(backend, lease, job_id, client, correction)
-        except EpochChanged:
-            return         # the store lost the lease with its data: nothing to free
+        except EpochChanged as changed:
+            # Sent again once this replica has rejoined (it may have recorded the
+            # lease again meanwhile); by lease, so at most once.
+            self._spawn(self._release_after_rejoin(
+                Release(backend, lease, job_id, client, correction), changed.epoch))
+            return
         except SlotStoreError as exc:
             log.debug("release of %s not recorded (%s): sent again later", lease, exc)
             self._unreleased.append(Release(backend, lease, job_id, client, correction))
@@ -582,7 +592,8 @@ class SharedScheduler(Scheduler):
                     self._fleet_event(message)
                 else:
                     self._granted(message)
-            except SlotStoreError as exc:
+            except (SlotStoreError, EpochChanged) as exc:
+                # A new epoch is taken up by the next heartbeat (within an interval).
                 log.debug("notification not handled: %s", exc)
 
     def _granted(self, message: str) -> None:

@@ -237,7 +237,8 @@ class MemorySlotStore:
 
     async def release(self, backend: str, lease: str, job_id: str, client: str = "",
                       correction: float = 0.0) -> Released:
-        done, out = self.state.release(self.clock(), self.epoch, self.grace_ms, self._op(),
+        # Remembered by its lease, as in Redis: a lease is released once.
+        done, out = self.state.release(self.clock(), self.epoch, self.grace_ms, lease,
                                        backend, lease, job_id, client, correction)
         self._send(out)
         return done
