@@ -21,11 +21,17 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = 20.0
 
 
-def _failure(what: str, timeout: float, last: object) -> AssertionError:
-    return AssertionError(f"waited {timeout:g}s for {what}; last seen: {last!r}")
+Awaited = str | Callable[[], str]
 
 
-async def eventually(check: Callable[[], T | Awaitable[T]], what: str,
+def _failure(what: Awaited, timeout: float, last: object) -> AssertionError:
+    # ``what`` may be a function, to say at the end how far things got ("3 of 5 seen").
+    told = what() if callable(what) else what
+    seen = "" if last is None or isinstance(last, bool) else f"; last seen: {last!r}"
+    return AssertionError(f"waited {timeout:g}s for {told}{seen}")
+
+
+async def eventually(check: Callable[[], T | Awaitable[T]], what: Awaited,
                      timeout: float = DEFAULT_TIMEOUT, every: float = 0.05) -> T:
     """Poll ``check`` (plain or async) until it returns something true, and return
     that; fail the test when ``timeout`` seconds pass first. ``what`` names the awaited
@@ -41,7 +47,7 @@ async def eventually(check: Callable[[], T | Awaitable[T]], what: str,
         await asyncio.sleep(every)
 
 
-def wait_until(check: Callable[[], T], what: str, timeout: float = DEFAULT_TIMEOUT,
+def wait_until(check: Callable[[], T], what: Awaited, timeout: float = DEFAULT_TIMEOUT,
                every: float = 0.05) -> T:
     """``eventually`` for code outside an event loop: blocks while it polls."""
     deadline = time.monotonic() + timeout
