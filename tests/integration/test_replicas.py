@@ -54,6 +54,21 @@ async def queued(gws: list[Gateway], count: int) -> None:
     await eventually(leader_counts, f"{count} request(s) waiting in the shared queue")
 
 
+async def arrived(sim: Any, gws: list[Gateway], count: int) -> None:
+    """Until ``count`` requests have reached the shared queue: waiting there, running
+    or done at the stand-in (a fresh one, that serves only this test)."""
+    def seen() -> bool:
+        # The stand-in first: a request leaving the queue meanwhile is then counted in
+        # neither reading, never in both.
+        stats = sim.stats()
+        served = stats["in_flight"] + stats["completed"]
+        waiting = sum(s["waiting"] for s in (g.status()["shared"] for g in gws)
+                      if s["leading"])
+        return served + waiting >= count
+
+    await eventually(seen, f"{count} request(s) to reach the shared queue")
+
+
 async def all_shared(gws: list[Gateway], what: str, holds: Callable[[Any], bool]) -> None:
     """Until ``holds`` is true of every replica's shared-state status."""
     await eventually(lambda: all(holds(g.status()["shared"]) for g in gws), what)
@@ -90,8 +105,7 @@ async def test_a_high_class_job_on_one_replica_goes_before_low_class_work_waitin
         # only the order of the waiting ones).
         batch = [asyncio.create_task(generate(s, a, 60, "sk-nightly", stream=True))
                  for _ in range(4)]
-        await running(sim, 1)              # one runs (0.6 s), three wait (queued through A)
-        await queued([a, b], 3)
+        await arrived(sim, [a, b], 4)      # one runs (0.6 s), three wait (queued through A)
         person = await generate(s, b, 5, "sk-alice")
         done = await asyncio.gather(*batch)
     assert person["_status"] == 200 and all(d["_status"] == 200 for d in done)
@@ -114,8 +128,7 @@ async def test_a_client_flooding_two_replicas_gets_one_share(
 
         hog = [asyncio.create_task(run(f"hog{i}", (a, b)[i % 2], "sk-hog"))
                for i in range(12)]
-        await running(sim, 1)
-        await queued([a, b], 11)
+        await arrived(sim, [a, b], len(hog))
         light = [asyncio.create_task(run(f"light{i}", a, "sk-light")) for i in range(2)]
         await asyncio.gather(*hog, *light)
     # As with one replica: the light client alternates with the hog instead of
@@ -158,7 +171,7 @@ async def test_when_the_leader_dies_another_replica_orders_the_queue(
         first_task = asyncio.create_task(generate(s, other, 100, "sk-hog"))   # 1 s
         await running(sim, 1)
         second_task = asyncio.create_task(generate(s, other, 5, "sk-light"))
-        await queued([lead], 1)
+        await arrived(sim, [lead], 2)
         lead.proc.kill()
         first, second = await asyncio.gather(first_task, second_task)
     assert first["_status"] == 200 and second["_status"] == 200
