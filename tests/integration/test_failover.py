@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 
 from tests.integration.conftest import backends
+from tests.waiting import eventually
 
 FAST_HEALTH = {"interval": "200ms", "timeout": "500ms", "fall": 2, "rise": 1,
                "max_fails": 2, "fail_timeout": "1s"}
@@ -54,6 +55,7 @@ async def test_out_of_memory_is_retried_elsewhere_then_recovers(start_sim: Any,
         assert [st for st, _ in results] == [200] * 10         # no client saw the OOM
         assert not _routable(gw, "b0")                          # taken out (max_fails 2)
         a.fault("none")
+        # Not a wait for anything: time itself is under test.
         await asyncio.sleep(1.2)                                # fail_timeout passes
         for _ in range(6):
             assert (await _generate(s, gw.url))[0] == 200
@@ -118,7 +120,8 @@ async def test_backend_killed_mid_run(start_sim: Any, start_corral: Any) -> None
         # Streams in flight on both backends, then one backend dies.
         streams = [asyncio.create_task(_generate(s, gw.url, n=100, stream=True))
                    for _ in range(4)]
-        await asyncio.sleep(0.2)
+        await eventually(lambda: a.stats()["in_flight"] and b.stats()["in_flight"],
+                         "streams to run on both backends")
         a.proc.kill()                     # SIGKILL: no goodbye
         done = await asyncio.gather(*streams)
         cut = [lines for _, lines in done if "error" in lines[-1]]

@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 
 from tests.integration.conftest import backends
+from tests.waiting import eventually
 
 ADMIN = {"name": "ops", "key": "sk-ops", "admin": True}
 USER = {"name": "dev", "key": "sk-dev"}
@@ -112,14 +113,17 @@ async def test_sigterm_lets_streams_finish(start_sim: Any, start_corral: Any) ->
             "model": "llama3.2", "prompt": "p", "options": {"num_predict": 10}})
         await stream.content.readline()
         gw.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+
+        async def refused() -> bool:
+            try:
+                async with s.get(gw.url + "/healthz",
+                                 timeout=aiohttp.ClientTimeout(total=2)):
+                    return False
+            except (aiohttp.ClientError, TimeoutError):
+                return True
+
         # No longer accepting...
-        try:
-            async with s.get(gw.url + "/healthz", timeout=aiohttp.ClientTimeout(total=2)):
-                refused = False
-        except (aiohttp.ClientError, TimeoutError):
-            refused = True
-        assert refused
+        await eventually(refused, "Corral to stop accepting connections")
         # ...but the stream in flight runs to its end.
         lines = [line async for line in stream.content if line.strip()]
         assert b'"done":true' in lines[-1]
