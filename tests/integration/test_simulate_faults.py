@@ -56,9 +56,8 @@ async def test_parallel_caps_slots_and_others_wait_fifo(make_sim: MakeSim,
     sim = await make_sim(parallel=2, tokens_per_second=50, loaded=("llama3.2",))
     t0 = time.monotonic()
     tasks = [asyncio.create_task(generate(http, sim, n=10)) for _ in range(5)]  # 0.2 s each
-    await asyncio.sleep(0.1)
-    mid = await stats(http, sim)
-    assert (mid["in_flight"], mid["waiting"]) == (2, 3)
+    # Two run, three wait their turn.
+    await wait_for(lambda: _gauges(http, sim, in_flight=2, waiting=3))
     results = await asyncio.gather(*tasks)
     elapsed = time.monotonic() - t0
     assert all(status == 200 for status, _ in results)
@@ -73,9 +72,9 @@ async def test_queue_full_answers_503(make_sim: MakeSim, http: aiohttp.ClientSes
     sim = await make_sim(models=("a", "b", "c"), max_queue=1, load_time=0.3,
                          tokens_per_second=0)
     first = asyncio.create_task(generate(http, sim, "a"))  # taken out of the queue to load
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: _gauges(http, sim, waiting=1))
     second = asyncio.create_task(generate(http, sim, "b"))  # fills the one queue place
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: _gauges(http, sim, waiting=2))
     t0 = time.monotonic()
     status, body = await generate(http, sim, "c")
     assert (status, body) == (503, {"error": BUSY})
