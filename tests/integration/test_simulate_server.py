@@ -270,8 +270,11 @@ async def test_load_unload_eviction_and_expiry(make_sim: MakeSim,
                          json={"model": "llama3.2", "keep_alive": "50ms"}) as resp:
         assert resp.status == 200
     assert await ps() == ["llama3.2:latest"]
-    await asyncio.sleep(0.1)
-    assert await ps() == []
+
+    async def unloaded() -> bool:
+        return await ps() == []
+
+    await eventually(unloaded, "llama3.2 to unload once its 50 ms keep_alive has passed")
     stats = sim.state.stats
     assert (stats.loads, stats.evictions, stats.unloads) == (3, 1, 2)
 
