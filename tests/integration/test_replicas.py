@@ -45,15 +45,6 @@ async def running(sim: Any, count: int) -> None:
                      f"the stand-in to run {count} request(s)")
 
 
-async def queued(gws: list[Gateway], count: int) -> None:
-    """Until ``count`` requests wait in the shared queue, as its leader counts them."""
-    def leader_counts() -> bool:
-        shared = [g.status()["shared"] for g in gws]
-        return any(s["leading"] and s["waiting"] == count for s in shared)
-
-    await eventually(leader_counts, f"{count} request(s) waiting in the shared queue")
-
-
 async def arrived(sim: Any, gws: list[Gateway], count: int) -> None:
     """Until ``count`` requests have reached the shared queue: waiting there, running
     or done at the stand-in (a fresh one, that serves only this test)."""
@@ -346,6 +337,7 @@ async def test_a_late_release_after_a_pause_is_ignored_and_logged(
         a.proc.send_signal(signal.SIGSTOP)
         # A's lease lapses while it sleeps: B takes the slot (its request starts).
         taker = asyncio.create_task(generate(s, b, 500, "sk-light"))       # 5 s
+
         def b_started() -> bool:
             st = sim.stats()
             # A's request has ended at the backend, and B's has started there.
