@@ -7,7 +7,6 @@ are tested without sleeping.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +27,7 @@ from corral.jobs.store import (
     Retry,
 )
 from tests.contract.limit_store_support import FakeClock
+from tests.waiting import eventually
 
 LEASE = 10_000
 TTL = 60_000
@@ -235,10 +235,11 @@ async def _expire_in_redis(store: RedisJobStore, job_id: str) -> None:
     # The TTL was set in real milliseconds: shorten it rather than sleep a minute.
     client = store._client
     await client.pexpire(f"{store._prefix}job:{job_id}", 1)
-    for _ in range(100):
-        if not await client.exists(f"{store._prefix}job:{job_id}"):
-            return
-        await asyncio.sleep(0.01)
+
+    async def expired() -> bool:
+        return not await client.exists(f"{store._prefix}job:{job_id}")
+
+    await eventually(expired, f"Redis to expire job {job_id}", every=0.01)
 
 
 async def test_failed_job_keeps_its_error(jobs: JobStore) -> None:

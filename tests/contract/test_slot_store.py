@@ -21,6 +21,7 @@ from corral.scheduler.shared.store import (
     replica_channel,
 )
 from tests.contract.limit_store_support import FakeClock
+from tests.waiting import eventually
 
 TTL = 10_000
 
@@ -66,11 +67,10 @@ class Listener:
             self.messages.append(message)
 
     async def wait_for(self, count: int) -> list[str]:
-        for _ in range(200):
-            if len(self.messages) >= count:
-                return self.messages
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"only {self.messages} arrived")
+        await eventually(lambda: len(self.messages) >= count,
+                         lambda: f"{count} message(s); only {self.messages} arrived",
+                         every=0.01)
+        return self.messages
 
     async def stop(self) -> None:
         self._task.cancel()
@@ -225,8 +225,12 @@ async def test_replicas_are_known_while_their_heartbeat_lasts(
     assert await slots.replicas() == {"r1": b'{"address": "a"}', "r2": b'{"address": "b"}'}
     # r2 stops: gone once its heartbeat lapses (Redis expires keys on its own clock).
     clock.advance(200)
-    await asyncio.sleep(0.25)
-    assert await slots.replicas() == {"r1": b'{"address": "a"}'}
+    alive = {"r1": b'{"address": "a"}'}
+
+    async def lapsed() -> bool:
+        return await slots.replicas() == alive
+
+    await eventually(lapsed, "r2 to drop out once its heartbeat lapsed")
 
 
 async def test_adopted_leases_count_whatever_the_cap(slots: SlotStore) -> None:

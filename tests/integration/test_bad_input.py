@@ -146,6 +146,7 @@ def test_body_that_never_finishes_is_cut_after_client_body_timeout(
                      b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
                      b'{"model": ')
         t0 = time.monotonic()
+        # Not a wait for anything: time for a wrongly admitted request to show.
         time.sleep(0.3)
         assert_nothing_held(gw, sim)          # a half-read body is not a job
         try:

@@ -8,7 +8,6 @@ browser's ``Origin`` on.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from typing import Any
 
@@ -16,6 +15,7 @@ import aiohttp
 
 from tests.integration.conftest import backends
 from tests.integration.nginx_support import proxy_to
+from tests.waiting import eventually
 
 APP = "https://app.example.com"
 KEYS = [{"name": "alice", "key": "sk-alice"}]
@@ -156,10 +156,8 @@ async def test_null_origin_only_when_listed_and_cors_off_is_transparent(
         # default origins) decides, as it would without Corral.
         gw.rewrite_config({"backends": backends(sim), "cors": {"origins": []}})
         gw.proc.send_signal(signal.SIGHUP)
-        for _ in range(100):
-            if "configuration reloaded" in gw.log.read_text():
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: "configuration reloaded" in gw.log.read_text(),
+                         "the reload that turns CORS off")
         async with s.post(gw.url + "/api/chat", json={**CHAT, "stream": False},
                           headers={"Origin": "https://evil.example"}) as r:
             assert r.status == 403                         # the backend's refusal

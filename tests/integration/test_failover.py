@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 
 from tests.integration.conftest import backends
+from tests.waiting import eventually
 
 FAST_HEALTH = {"interval": "200ms", "timeout": "500ms", "fall": 2, "rise": 1,
                "max_fails": 2, "fail_timeout": "1s"}
@@ -38,13 +39,6 @@ def _routable(gw: Any, name: str) -> bool:
     return bool(next(b for b in gw.status()["backends"] if b["name"] == name)["routable"])
 
 
-async def _until(cond: Any, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.05)
-
-
 async def test_out_of_memory_is_retried_elsewhere_then_recovers(start_sim: Any,
                                                                  start_corral: Any) -> None:
     gw, a, b = _pair(start_sim, start_corral)
@@ -54,6 +48,7 @@ async def test_out_of_memory_is_retried_elsewhere_then_recovers(start_sim: Any,
         assert [st for st, _ in results] == [200] * 10         # no client saw the OOM
         assert not _routable(gw, "b0")                          # taken out (max_fails 2)
         a.fault("none")
+        # Not a wait for anything: time itself is under test.
         await asyncio.sleep(1.2)                                # fail_timeout passes
         for _ in range(6):
             assert (await _generate(s, gw.url))[0] == 200
@@ -118,14 +113,15 @@ async def test_backend_killed_mid_run(start_sim: Any, start_corral: Any) -> None
         # Streams in flight on both backends, then one backend dies.
         streams = [asyncio.create_task(_generate(s, gw.url, n=100, stream=True))
                    for _ in range(4)]
-        await asyncio.sleep(0.2)
+        await eventually(lambda: a.stats()["in_flight"] and b.stats()["in_flight"],
+                         "streams to run on both backends")
         a.proc.kill()                     # SIGKILL: no goodbye
         done = await asyncio.gather(*streams)
         cut = [lines for _, lines in done if "error" in lines[-1]]
         whole = [lines for _, lines in done if lines[-1].get("done")]
         assert len(cut) + len(whole) == 4 and len(cut) >= 1    # each cut stream: one error
         assert all(sum("error" in x for x in lines) == 1 for lines in cut)
-        await _until(lambda: not _routable(gw, "b0"))
+        await eventually(lambda: not _routable(gw, "b0"), "the dead backend to be taken out")
         # New requests see nothing of it.
         results = [await _generate(s, gw.url) for _ in range(6)]
         assert [st for st, _ in results] == [200] * 6
@@ -136,8 +132,8 @@ async def test_all_backends_down_answers_503_at_once(start_sim: Any,
     gw, a, b = _pair(start_sim, start_corral)
     a.stop()
     b.stop()
-    await _until(lambda: not gw.status()["backends"][0]["up"]
-                 and not gw.status()["backends"][1]["up"])
+    await eventually(lambda: not any(bk["up"] for bk in gw.status()["backends"]),
+                     "both stopped backends to be marked down")
     async with aiohttp.ClientSession() as s:
         t0 = time.monotonic()
         async with s.post(gw.url + "/api/generate", json={"model": "llama3.2",

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from tests.integration.conftest import backends
+from tests.waiting import eventually
 
 KEYS = [{"name": "hog", "key": "sk-hog", "tier": "basic"},
         {"name": "light", "key": "sk-light", "tier": "basic"}]
@@ -27,7 +28,16 @@ async def _order(gw: Any) -> list[str]:
                 done.append(tag)
 
         hog = [asyncio.create_task(run(f"hog{i}", "sk-hog")) for i in range(10)]
-        await asyncio.sleep(0.3)
+        def all_arrived() -> bool:
+            # What is done is read first: a request ending meanwhile is then counted
+            # in neither reading, never in both.
+            finished = len(done)
+            st = gw.status()
+            return finished + st["queue"]["depth"] + sum(
+                b["in_flight"] for b in st["backends"]) >= len(hog)
+
+        # Light arrives behind all of hog's requests.
+        await eventually(all_arrived, "all of hog's requests to reach Corral")
         light = [asyncio.create_task(run(f"light{i}", "sk-light")) for i in range(2)]
         await asyncio.gather(*hog, *light)
     return done

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from tests.integration.conftest import backends
+from tests.waiting import eventually
 
 
 @pytest.fixture
@@ -144,9 +145,8 @@ async def test_disconnect_frees_the_slot(start_sim: Any, start_corral: Any) -> N
             await r2.read()
         # Served at once, not after the abandoned 20 s generation.
         assert time.monotonic() - t0 < 5
-    deadline = time.monotonic() + 5
-    while sim.stats()["cancelled"] < 1 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await eventually(lambda: sim.stats()["cancelled"] >= 1,
+                     "the stand-in to see the abandoned generation cancelled")
     assert sim.stats()["cancelled"] == 1
     assert gw.status()["backends"][0]["in_flight"] == 0
 
@@ -158,16 +158,17 @@ async def test_waiting_client_that_leaves_leaves_the_queue(start_sim: Any,
     body = {"model": "llama3.2", "prompt": "p", "options": {"num_predict": 20}}
     async with aiohttp.ClientSession() as s:
         holder = asyncio.create_task(s.post(gw.url + "/api/generate", json=body))
-        await asyncio.sleep(0.2)
+        await eventually(lambda: sim.stats()["in_flight"] == 1, "the first request to run")
         waiter = asyncio.create_task(s.post(gw.url + "/api/generate", json=body))
-        await asyncio.sleep(0.2)
-        assert gw.status()["queue"]["depth"] == 1
+        await eventually(lambda: gw.status()["queue"]["depth"] == 1,
+                         "the second request to wait in the queue")
         waiter.cancel()
-        await asyncio.sleep(0.3)
-        assert gw.status()["queue"]["depth"] == 0
+        await eventually(lambda: gw.status()["queue"]["depth"] == 0,
+                         "the departed waiter to leave the queue")
         (await holder).close()
-    # The departed waiter never reached the backend.
-    await asyncio.sleep(0.3)
+    # The departed waiter never reached the backend, even once the slot was free.
+    await eventually(lambda: gw.status()["backends"][0]["in_flight"] == 0,
+                     "the first request's slot to be free")
     assert sim.stats()["requests"].get("/api/generate", 0) == 1
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 
 from corral.pipeline.identify import hash_key
 from tests.integration.conftest import backends
+from tests.waiting import eventually
 
 KEYS = [
     {"name": "alice", "key": "sk-alice", "tier": "premium"},
@@ -73,12 +75,16 @@ async def test_premium_jumps_the_queue(start_sim: Any, start_corral: Any) -> Non
             assert status == 200
             done.append(tag)
 
+        def waiting_in_queue(n: int) -> Callable[[], bool]:
+            return lambda: gw.status()["queue"]["depth"] == n
+
+        # One at a time, so that the arrival order is known.
         first = asyncio.create_task(run("holder", None, 60))
-        await asyncio.sleep(0.15)
+        await eventually(lambda: sim.stats()["in_flight"] == 1, "the holder to run")
         waiting = [asyncio.create_task(run(f"basic{i}", None, 3)) for i in range(3)]
-        await asyncio.sleep(0.1)
+        await eventually(waiting_in_queue(3), "the basic requests to wait")
         waiting.append(asyncio.create_task(run("batch", "sk-batch", 3)))
-        await asyncio.sleep(0.1)
+        await eventually(waiting_in_queue(4), "the batch request to wait")
         waiting.append(asyncio.create_task(run("premium", "sk-alice", 3)))
         await asyncio.gather(first, *waiting)
     # high before normal before low; normal ones in arrival order

@@ -10,7 +10,6 @@ held it being killed.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from tests.integration.conftest import Gateway, Sim, backends
+from tests.waiting import eventually
 
 MODEL = "llama3.2:latest"
 FAST = ("--models", MODEL, "--loaded", MODEL, "--instant", "--parallel", "8")
@@ -50,15 +50,16 @@ async def submit(s: aiohttp.ClientSession, gw: Gateway, job: dict[str, Any],
 async def wait_for(s: aiohttp.ClientSession, gw: Gateway, job_id: str, key: str | None,
                    done: Any, timeout: float = 15) -> dict[str, Any]:
     """Poll until ``done(doc)``; the last document seen."""
-    deadline = time.monotonic() + timeout
     doc: dict[str, Any] = {}
-    while time.monotonic() < deadline:
+
+    async def there() -> bool:
+        nonlocal doc
         status, doc = await call(s, "GET", f"{gw.url}/corral/jobs/{job_id}", key)
         assert status == 200, doc
-        if done(doc):
-            return doc
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"job did not get there in {timeout}s: {doc}")
+        return bool(done(doc))
+
+    await eventually(there, lambda: f"job {job_id} to get there: {doc}", timeout)
+    return doc
 
 
 def finished(doc: dict[str, Any]) -> bool:
@@ -218,8 +219,7 @@ async def test_a_busy_gateway_makes_jobs_wait_not_fail(
     s = session
     slow = asyncio.create_task(call(s, "POST", gw.url + "/api/generate", None, {
         "model": "llama3.2", "prompt": "x", "stream": False, "options": {"num_predict": 60}}))
-    while sim.stats()["in_flight"] == 0:
-        await asyncio.sleep(0.02)
+    await eventually(lambda: sim.stats()["in_flight"], "the stand-in to run a request")
     job_id = await submit(s, gw, GENERATE)
     doc = await wait_for(s, gw, job_id, None, lambda d: d["http_status"] == 503)
     assert doc["status"] == "queued" and "queue is full" in doc["error"]
@@ -265,24 +265,23 @@ async def test_delete_cancels_queued_and_running_jobs(
     status, doc = await call(s, "DELETE", f"{gw.url}/corral/jobs/{queued}", "sk-alice")
     assert status == 200 and doc["status"] == "cancelled" and doc["attempts"] == 0
 
-    while sim.stats()["in_flight"] == 0:
-        await asyncio.sleep(0.02)
+    await eventually(lambda: sim.stats()["in_flight"], "the stand-in to run a request")
     status, doc = await call(s, "DELETE", f"{gw.url}/corral/jobs/{running}", "sk-alice")
     assert status == 200 and doc["status"] == "cancelled"
     # Its request is aborted at once: the backend stops generating.
-    deadline = time.monotonic() + 3
-    while sim.stats()["in_flight"] and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert sim.stats()["in_flight"] == 0
-    await asyncio.sleep(0.3)
+    await eventually(lambda: sim.stats()["in_flight"] == 0,
+                     "the backend to stop generating for the cancelled job")
+    # And once the worker has let go of it, the job is still cancelled, with no result.
+    await eventually(lambda: gw.status()["jobs"]["busy_workers"] == 0,
+                     "the worker to let go of the cancelled job")
     doc = (await call(s, "GET", f"{gw.url}/corral/jobs/{running}", "sk-alice"))[1]
     assert doc["status"] == "cancelled" and doc["result"] is None
     status, _ = await call(s, "GET", f"{gw.url}/corral/jobs/{queued}", "sk-alice")
     assert status == 200
     # /corral/status counts the jobs (as of the last poll of the store).
-    await asyncio.sleep(1.2)
-    assert gw.status()["jobs"] == {"workers": 1, "busy_workers": 0, "queued": 0,
-                                   "running": 0}
+    idle = {"workers": 1, "busy_workers": 0, "queued": 0, "running": 0}
+    await eventually(lambda: gw.status()["jobs"] == idle,
+                     lambda: f"/corral/status to count no job: {gw.status()['jobs']}")
 
 
 # --- Redis: a replica dies holding a job ---------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 
 from tests.integration.conftest import Gateway, Sim, backends
 from tests.integration.nginx_support import fire, rapid, statuses
+from tests.waiting import eventually
 
 SIM_ARGS = ("--models", "llama3.2:latest", "--loaded", "llama3.2:latest", "--instant",
             "--parallel", "64")
@@ -62,6 +63,13 @@ async def gen(s: aiohttp.ClientSession, gw: Gateway, ip: str | None = None,
             "model": "llama3.2", "prompt": "x", "stream": False}) as r:
         await r.read()
         return r
+
+
+def _logged(gw: Gateway) -> int:
+    """Records in the access log so far, read without waiting for a flush."""
+    if not gw.access_log.exists():
+        return 0
+    return len(gw.access_log.read_text().splitlines())
 
 
 async def codes(s: aiohttp.ClientSession, gw: Gateway, n: int, **kw: Any) -> list[int]:
@@ -165,7 +173,7 @@ async def test_retry_after_is_at_least_one_second_and_status_is_the_rules(
         r1, r2 = await gen(s, gw), await gen(s, gw)
         assert (r1.status, r2.status) == (200, 503)
         assert r2.headers["Retry-After"] == "1"
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)        # time under test: 10r/s drains one in 0.1 s
         assert (await gen(s, gw)).status == 200
 
 
@@ -248,7 +256,10 @@ async def test_limit_conn_is_released_when_the_client_leaves(start_sim: Any,
         second = await gen(s, gw, body=body)
         assert second.status == 429
         first.close()                                  # the client leaves mid-stream
-        await asyncio.sleep(0.1)
+        # Corral logs a request once it has released what it held for it.
+        await eventually(lambda: any(r.get("error") == "client closed the request"
+                                     for r in gw.records()),
+                         "Corral to log the departed client's request")
         t0 = time.monotonic()
         async with s.post(gw.url + GEN, json={**body, "options": {"num_predict": 2}}) as r:
             assert r.status == 200
@@ -273,7 +284,7 @@ async def test_token_budget_refuses_once_spent(corral: Any) -> None:
     spent, seen = 0, []
     refusal: aiohttp.ClientResponse | None = None
     async with aiohttp.ClientSession() as s:
-        for _ in range(5):
+        for i in range(5):
             async with s.post(gw.url + GEN, json=body) as r:
                 data = await r.json()
                 seen.append((spent, r.status))
@@ -281,7 +292,9 @@ async def test_token_budget_refuses_once_spent(corral: Any) -> None:
                     spent += data["prompt_eval_count"] + data["eval_count"]
                 elif refusal is None:
                     refusal = r
-            await asyncio.sleep(0.05)        # the charge lands when the answer has ended
+            # The charge lands when the answer has ended, before Corral logs it.
+            await eventually(lambda n=i + 1: _logged(gw) >= n,
+                             f"Corral to log request {i + 1}")
     # Admitted exactly while the budget was not yet spent.
     assert [status for _, status in seen] == [200 if before < 30 else 429
                                               for before, _ in seen], seen

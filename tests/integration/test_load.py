@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from tests.integration.conftest import Gateway, Sim, backends
+from tests.waiting import wait_until
 
 CLIENTS = 1000
 GREEDY = ("greedy-a", "greedy-b")     # each sends GREEDY_EACH requests under one name
@@ -71,22 +72,26 @@ async def one(s: aiohttp.ClientSession, url: str, i: int, go: asyncio.Event) -> 
     return out
 
 
-def wait_for_records(gw: Gateway, n: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        recs = [r for r in gw.records() if r.get("path") == "/api/generate"]
-        if len(recs) >= n or time.monotonic() > deadline:
-            return recs
+def wait_for_records(gw: Gateway, n: int) -> list[dict[str, Any]]:
+    """At least ``n`` access-log records of generate requests, once they are written."""
+    recs: list[dict[str, Any]] = []
+
+    def enough() -> bool:
+        recs[:] = [r for r in gw.records() if r.get("path") == "/api/generate"]
+        return len(recs) >= n
+
+    wait_until(enough, lambda: f"{n} access-log records (there are {len(recs)})")
+    return recs
 
 
-def wait_idle(gw: Gateway, timeout: float = 3.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = gw.status()
-        idle = st["queue"]["depth"] == 0 and all(b["in_flight"] == 0 for b in st["backends"])
-        if idle or time.monotonic() > deadline:
-            return st
-        time.sleep(0.05)
+def wait_idle(gw: Gateway) -> dict[str, Any]:
+    """Corral's status once nothing waits in its queue or runs at its backends."""
+    def idle() -> dict[str, Any] | None:
+        st: dict[str, Any] = gw.status()
+        empty = st["queue"]["depth"] == 0 and all(b["in_flight"] == 0 for b in st["backends"])
+        return st if empty else None
+
+    return wait_until(idle, "Corral's queue to empty and its backends to finish")
 
 
 async def test_thousand_concurrent_clients(start_sim: Any, start_corral: Any) -> None:

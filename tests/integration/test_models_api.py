@@ -8,9 +8,7 @@ itself triggers.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +17,7 @@ import ollama
 import pytest
 
 from tests.integration.conftest import Gateway, Sim, backends, get_json
+from tests.waiting import eventually
 
 A_MODELS = "llama3.2:latest"
 B_MODELS = "mistral:7b"
@@ -39,13 +38,15 @@ def names(url: str) -> list[str]:
     return [m["name"] for m in get_json(url + "/api/tags")["models"]]
 
 
-def eventually(check: Callable[[], bool], within: float = 1.5) -> bool:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+# Waits on Corral's model lists end well within the fleet's 30 s probe interval: what
+# they see was refreshed by the operation itself, not by the next probe.
+REFRESHED_WITHIN = 5.0
+
+
+async def lists_show(gw: Gateway, what: str, check: Callable[[list[str]], bool]) -> None:
+    """Until ``check`` holds of every backend's model list in Corral's status."""
+    await eventually(lambda: all(check(bk["models"]) for bk in gw.status()["backends"]),
+                     f"Corral's model lists to show {what}", REFRESHED_WITHIN)
 
 
 async def call(method: str, url: str, data: Any = None) -> tuple[int, str, bytes]:
@@ -64,14 +65,12 @@ async def corral_knows(gw: Gateway, model: str) -> bool:
     return status == 200
 
 
-async def corral_knows_eventually(gw: Gateway, model: str, expect: bool = True,
-                                  within: float = 1.5) -> bool:
-    deadline = time.monotonic() + within
-    while await corral_knows(gw, model) != expect:
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
+async def corral_knows_eventually(gw: Gateway, model: str, expect: bool = True) -> None:
+    async def known() -> bool:
+        return await corral_knows(gw, model) == expect
+
+    await eventually(known, f"Corral to {'know' if expect else 'forget'} {model}",
+                     REFRESHED_WITHIN)
 
 
 # -- pull -----------------------------------------------------------------------------
@@ -95,7 +94,7 @@ async def test_pull_streams_progress_from_every_backend(fleet: Any) -> None:
     assert fleet_names.count(NEW) == 1, fleet_names
     assert sorted(fleet_names) == sorted([A_MODELS, B_MODELS, NEW])
     # Corral refreshed its lists: both backends now count as holders.
-    assert eventually(lambda: all(NEW in bk["models"] for bk in gw.status()["backends"]))
+    await lists_show(gw, f"{NEW} on every backend", lambda models: NEW in models)
     status, _, raw = await call("POST", gw.url + "/api/generate",
                                 {"model": NEW, "prompt": "x", "stream": False})
     assert status == 200, raw
@@ -170,31 +169,31 @@ async def test_copy_and_delete_go_to_the_holders(fleet: Any) -> None:
     assert "llama-copy:latest" in names(a.url)
     assert "llama-copy:latest" not in names(b.url)
     assert names(gw.url).count("llama-copy:latest") == 1
-    assert await corral_knows_eventually(gw, "llama-copy")
+    await corral_knows_eventually(gw, "llama-copy")
     assert b.stats()["requests"].get("/api/copy", 0) == 0
 
     # A model on both (after a pull): copy and delete reach both.
     status, _, raw = await call("POST", gw.url + "/api/pull", {"model": NEW, "stream": False})
     assert status == 200, raw
-    assert eventually(lambda: all(NEW in bk["models"] for bk in gw.status()["backends"]))
+    await lists_show(gw, f"{NEW} on every backend", lambda models: NEW in models)
     status, _, raw = await call("POST", gw.url + "/api/copy",
                                 {"source": NEW, "destination": "shared-copy"})
     assert (status, raw) == (200, b"")
     assert "shared-copy:latest" in names(a.url) and "shared-copy:latest" in names(b.url)
-    assert eventually(lambda: all("shared-copy:latest" in bk["models"]
-                                  for bk in gw.status()["backends"]))
+    await lists_show(gw, "the copy on every backend",
+                     lambda models: "shared-copy:latest" in models)
 
     status, _, raw = await call("DELETE", gw.url + "/api/delete", {"model": "shared-copy"})
     assert (status, raw) == (200, b"")
     assert "shared-copy:latest" not in names(a.url) + names(b.url)
     assert "shared-copy:latest" not in names(gw.url)
-    assert eventually(lambda: all("shared-copy:latest" not in bk["models"]
-                                  for bk in gw.status()["backends"]))
+    await lists_show(gw, "the copy gone from every backend",
+                     lambda models: "shared-copy:latest" not in models)
 
     status, _, raw = await call("DELETE", gw.url + "/api/delete", {"model": "llama-copy"})
     assert (status, raw) == (200, b"")
     assert "llama-copy:latest" not in names(a.url)
-    assert await corral_knows_eventually(gw, "llama-copy", expect=False)
+    await corral_knows_eventually(gw, "llama-copy", expect=False)
     status, _, raw = await call("POST", gw.url + "/api/generate",
                                 {"model": "llama-copy", "prompt": "x", "stream": False})
     assert status == 404, raw
@@ -265,7 +264,7 @@ async def test_official_ollama_client_manages_models(fleet: Any) -> None:
     assert copied.status == "success"
     assert "mistral-copy:latest" in names(b.url)
     assert "mistral-copy:latest" not in names(a.url)
-    assert await corral_knows_eventually(gw, "mistral-copy")
+    await corral_knows_eventually(gw, "mistral-copy")
     assert (await client.show("mistral-copy")).details is not None
 
     deleted = await client.delete("mistral-copy")

@@ -9,8 +9,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from corral.observe.commands import status_command
 from tests.integration.conftest import backends
+from tests.waiting import eventually, wait_until
 
 ALICE = "sk-alice-observe"
 
@@ -165,8 +166,17 @@ async def test_status_shows_activity_shares_and_rejections(start_sim: Any,
         # One slot, one place in the queue: of five at once, three are turned away.
         statuses = await asyncio.gather(*(chat(ALICE if i == 0 else None) for i in range(5)))
     assert sorted(statuses) == [200, 200, 503, 503, 503]
-    await asyncio.sleep(1.3)      # one sampler tick
-    st = gw.status()
+
+    def sampled() -> dict[str, Any] | None:
+        # What the sampler adds up once a second: wait for a tick that saw all five.
+        st: dict[str, Any] = gw.status()
+        seen = (st["totals"]["requests"] == 5 and len(st["rejections"]) == 3
+                and st["backends"][0]["requests_1m"] == 2
+                and sum(st["series"]["requests_per_s"]) > 0)
+        return st if seen else None
+
+    st = await eventually(sampled, lambda: f"the status to show the five requests: "
+                                           f"{gw.status()}")
     assert st["totals"]["requests"] == 5 and st["totals"]["rejected"] == 3
     assert len(st["rejections"]) == 3
     assert {r["status"] for r in st["rejections"]} == {503}
@@ -190,8 +200,12 @@ async def test_limit_rejections_reach_metrics_and_status(start_sim: Any,
         {"name": "chat-per-ip", "paths": ["/api/chat"], "key": "ip", "rate": "1r/m"}]})
     async with aiohttp.ClientSession() as s:
         assert [await _native_chat(s, gw.url) for _ in range(2)] == [200, 429]
-    await asyncio.sleep(1.3)      # one sampler tick
-    st = gw.status()
+
+    def rejected() -> dict[str, Any] | None:
+        st: dict[str, Any] = gw.status()
+        return st if st["rejections"] else None
+
+    st = await eventually(rejected, "the sampler to record the rejection")
     assert [(r["status"], r["rule"], r["path"]) for r in st["rejections"]] == [
         (429, "chat-per-ip", "/api/chat")]
     assert st["totals"]["rejected"] == 1
@@ -219,16 +233,27 @@ def test_status_command_prints_the_fleet(fleet: Any) -> None:
     assert down.exit_code == 1 and "cannot read http://127.0.0.1:9/corral/status" in down.output
 
 
-def test_top_refreshes_until_interrupted(fleet: Any) -> None:
+def test_top_refreshes_until_interrupted(fleet: Any, tmp_path: Path) -> None:
     gw, _, _ = fleet
-    env = {**os.environ, "COLUMNS": "160", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from corral.observe.commands import top_command; top_command()",
-         "--url", gw.url, "--interval", "0.2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    time.sleep(1.5)
-    assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=10)
-    assert proc.returncode == 0, out.decode()
-    assert b"b0" in out and b"b1" in out
+    # As on a terminal: elsewhere the live view only prints its last frame, at the end.
+    env = {**os.environ, "COLUMNS": "160", "PYTHONUNBUFFERED": "1", "FORCE_COLOR": "1"}
+    screen = tmp_path / "top.out"
+    with screen.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c",
+             "from corral.observe.commands import top_command; top_command()",
+             "--url", gw.url, "--interval", "0.2"],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_until(lambda: screen.read_bytes().count(b"b1") >= 2 or proc.poll() is not None,
+                   "top to show the fleet and refresh it")
+        assert proc.poll() is None, screen.read_text(errors="replace")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    shown = screen.read_bytes()
+    assert proc.returncode == 0, shown.decode(errors="replace")
+    assert b"b0" in shown and b"b1" in shown

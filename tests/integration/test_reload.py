@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
-import time
 from typing import Any
 
 import aiohttp
 
 from tests.integration.conftest import backends
+from tests.waiting import eventually
 
 ADMIN = {"name": "ops", "key": "sk-ops", "admin": True}
 USER = {"name": "dev", "key": "sk-dev"}
@@ -33,13 +32,6 @@ async def _gen(s: aiohttp.ClientSession, gw: Any, n: int = 2) -> int:
 
 def _names(gw: Any) -> list[str]:
     return [b["name"] for b in gw.status()["backends"]]
-
-
-async def _until(cond: Any, limit: float = 10) -> None:
-    deadline = time.monotonic() + limit
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.05)
 
 
 async def test_reload_needs_an_admin_key_and_refuses_bad_config(start_sim: Any,
@@ -76,13 +68,15 @@ async def test_added_backend_joins_and_removed_one_drains(start_sim: Any,
         assert status == 200
         assert any("b1 added" in n for n in body["notes"])
         assert any("b0 removed" in n for n in body["notes"])
-        await _until(lambda: any(x["name"] == "b1" and x["up"] for x in gw.status()["backends"]))
+        await eventually(lambda: any(x["name"] == "b1" and x["up"]
+                                     for x in gw.status()["backends"]),
+                         "the added backend b1 to be up")
         # New work goes to b1 only, while a's stream goes on to the end.
         assert await _gen(s, gw) == 200
         lines = [line async for line in stream.content if line.strip()]
         assert lines[-1].startswith(b'{"model"') and b'"done":true' in lines[-1]
         stream.close()
-        await _until(lambda: _names(gw) == ["b1"])
+        await eventually(lambda: _names(gw) == ["b1"], "the removed backend to be gone")
     assert b.stats()["completed"] >= 1
     assert a.stats()["requests"].get("/api/generate", 0) == 1
 
@@ -99,7 +93,8 @@ async def test_sighup_reload_keeps_limiter_state(start_sim: Any, start_corral: A
         other = {"name": "conns", "key": "ip", "max_concurrent": 10}
         gw.rewrite_config({**config, "limits": [rule, other]})
         gw.proc.send_signal(signal.SIGHUP)
-        await _until(lambda: "limits replaced" in gw.log.read_text())
+        await eventually(lambda: "limits replaced" in gw.log.read_text(),
+                         "the reload to replace the limits")
         assert await _gen(s, gw) == 429
         assert await _gen(s, gw) == 429
 
@@ -112,14 +107,17 @@ async def test_sigterm_lets_streams_finish(start_sim: Any, start_corral: Any) ->
             "model": "llama3.2", "prompt": "p", "options": {"num_predict": 10}})
         await stream.content.readline()
         gw.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+
+        async def refused() -> bool:
+            try:
+                async with s.get(gw.url + "/healthz",
+                                 timeout=aiohttp.ClientTimeout(total=2)):
+                    return False
+            except (aiohttp.ClientError, TimeoutError):
+                return True
+
         # No longer accepting...
-        try:
-            async with s.get(gw.url + "/healthz", timeout=aiohttp.ClientTimeout(total=2)):
-                refused = False
-        except (aiohttp.ClientError, TimeoutError):
-            refused = True
-        assert refused
+        await eventually(refused, "Corral to stop accepting connections")
         # ...but the stream in flight runs to its end.
         lines = [line async for line in stream.content if line.strip()]
         assert b'"done":true' in lines[-1]

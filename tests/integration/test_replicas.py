@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import subprocess
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -14,6 +15,7 @@ import orjson
 import pytest
 
 from tests.integration.conftest import Gateway, backends
+from tests.waiting import eventually, wait_until
 
 M1 = "llama3.2:latest"
 KEYS = [{"name": "alice", "key": "sk-alice", "tier": "premium"},
@@ -40,11 +42,28 @@ async def generate(s: aiohttp.ClientSession, gw: Gateway, tokens: int,
 
 async def running(sim: Any, count: int) -> None:
     """Until the stand-in runs ``count`` requests."""
-    for _ in range(200):
-        if sim.stats()["in_flight"] == count:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"the stand-in never ran {count} request(s)")
+    await eventually(lambda: sim.stats()["in_flight"] == count,
+                     f"the stand-in to run {count} request(s)")
+
+
+async def arrived(sim: Any, gws: list[Gateway], count: int) -> None:
+    """Until ``count`` requests have reached the shared queue: waiting there, running
+    or done at the stand-in (a fresh one, that serves only this test)."""
+    def seen() -> bool:
+        # The stand-in first: a request leaving the queue meanwhile is then counted in
+        # neither reading, never in both.
+        stats = sim.stats()
+        served = stats["in_flight"] + stats["completed"]
+        waiting = sum(s["waiting"] for s in (g.status()["shared"] for g in gws)
+                      if s["leading"])
+        return served + waiting >= count
+
+    await eventually(seen, f"{count} request(s) to reach the shared queue")
+
+
+async def all_shared(gws: list[Gateway], what: str, holds: Callable[[Any], bool]) -> None:
+    """Until ``holds`` is true of every replica's shared-state status."""
+    await eventually(lambda: all(holds(g.status()["shared"]) for g in gws), what)
 
 
 def replicas(start_corral: Any, redis_url: str, sims: list[Any], n: int, slots: int,
@@ -78,7 +97,7 @@ async def test_a_high_class_job_on_one_replica_goes_before_low_class_work_waitin
         # only the order of the waiting ones).
         batch = [asyncio.create_task(generate(s, a, 60, "sk-nightly", stream=True))
                  for _ in range(4)]
-        await asyncio.sleep(0.2)           # one runs (0.6 s), three wait (queued through A)
+        await arrived(sim, [a, b], 4)      # one runs (0.6 s), three wait (queued through A)
         person = await generate(s, b, 5, "sk-alice")
         done = await asyncio.gather(*batch)
     assert person["_status"] == 200 and all(d["_status"] == 200 for d in done)
@@ -101,7 +120,7 @@ async def test_a_client_flooding_two_replicas_gets_one_share(
 
         hog = [asyncio.create_task(run(f"hog{i}", (a, b)[i % 2], "sk-hog"))
                for i in range(12)]
-        await asyncio.sleep(0.3)
+        await arrived(sim, [a, b], len(hog))
         light = [asyncio.create_task(run(f"light{i}", a, "sk-light")) for i in range(2)]
         await asyncio.gather(*hog, *light)
     # As with one replica: the light client alternates with the hog instead of
@@ -137,46 +156,48 @@ async def test_when_the_leader_dies_another_replica_orders_the_queue(
     redis = start_redis()
     sim = start_sim("--models", M1, "--loaded", M1, "--parallel", "1", "--tps", "100")
     a, b = replicas(start_corral, redis.url, [sim], 2, slots=1)
-    for _ in range(100):
-        leader = a.status()["shared"]["leader"]
-        if leader:
-            break
-        await asyncio.sleep(0.05)
+    await all_shared([a, b], "both replicas to know the leader", lambda s: s["leader"])
     lead, other = (a, b) if a.status()["shared"]["leading"] else (b, a)
     assert other.status()["shared"]["leader"] == lead.status()["shared"]["replica"]
     async with aiohttp.ClientSession() as s:
-        running = asyncio.create_task(generate(s, other, 100, "sk-hog"))   # 1 s
-        await asyncio.sleep(0.2)
-        waiting = asyncio.create_task(generate(s, other, 5, "sk-light"))
-        await asyncio.sleep(0.2)
+        first_task = asyncio.create_task(generate(s, other, 100, "sk-hog"))   # 1 s
+        await running(sim, 1)
+        second_task = asyncio.create_task(generate(s, other, 5, "sk-light"))
+        await arrived(sim, [lead], 2)
         lead.proc.kill()
-        first, second = await asyncio.gather(running, waiting)
+        first, second = await asyncio.gather(first_task, second_task)
     assert first["_status"] == 200 and second["_status"] == 200
     assert other.status()["shared"]["leading"] is True
     # The dead replica drops out of the list once its heartbeat lapses.
     me = other.status()["shared"]["replica"]
-    for _ in range(100):
-        listed = other.status()["shared"]["replicas"]
-        if [r["id"] for r in listed] == [me]:
-            break
-        await asyncio.sleep(0.1)
-    assert [r["id"] for r in listed] == [me]
+
+    def only_me() -> list[dict[str, Any]] | None:
+        listed: list[dict[str, Any]] = other.status()["shared"]["replicas"]
+        return listed if [r["id"] for r in listed] == [me] else None
+
+    listed = await eventually(only_me, "the dead replica to drop out of the list")
     assert listed[0]["address"] == f"127.0.0.1:{other.port}" and listed[0]["seen"] > 0
 
 
 def _redis_on(port: int, log: Any) -> subprocess.Popen[bytes]:
     import shutil
-    import socket
 
     proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port",
                              str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no"], stdout=log.open("ab"),
                             stderr=subprocess.STDOUT)
-    for _ in range(200):
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return proc
-        time.sleep(0.02)
-    raise AssertionError("redis-server did not come back")
+    wait_until(lambda: _accepts(port), f"redis-server to listen again on port {port}")
+    return proc
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), 0.2):
+            return True
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize(("policy", "during"), [("allow", 200), ("deny", 503)])
@@ -188,30 +209,25 @@ async def test_redis_restarted_mid_run(start_sim: Any, start_corral: Any, start_
                    **{"queue": {"max_wait": "60s", "on_store_error": policy}})
     # Each knows of the other, and knows the other lists it: they agree on who shares
     # the free slots should the store go away.
-    for _ in range(200):
-        if all(len(g.status()["shared"]["sharing"]) == 2 for g in gws):
-            break
-        await asyncio.sleep(0.05)
-    else:
-        raise AssertionError(f"the replicas never agreed: {[g.status() for g in gws]}")
+    await all_shared(gws, "the replicas to agree on who shares the slots",
+                     lambda s: len(s["sharing"]) == 2)
     async with aiohttp.ClientSession() as s:
         before = await asyncio.gather(*(generate(s, gws[i % 2], 10) for i in range(6)))
         assert [a["_status"] for a in before] == [200] * 6
         # Both have seen the backend idle again: during an outage a replica shares out
         # only the slots it last saw free (a view that says "full" gives it none).
-        for _ in range(200):
-            if all(b["in_flight"] == 0 for g in gws for b in g.status()["backends"]):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the replicas never saw the backend idle")
+        await eventually(lambda: all(b["in_flight"] == 0 for g in gws
+                                     for b in g.status()["backends"]),
+                         "the replicas to see the backend idle")
         redis.kill()
-        await asyncio.sleep(1.5)           # both replicas notice (heartbeats fail)
+        await all_shared(gws, "both replicas to notice the outage (heartbeats fail)",
+                         lambda s: s["store"] == "unavailable")
         outage = await asyncio.gather(*(generate(s, gws[i % 2], 10) for i in range(8)))
         assert {a["_status"] for a in outage} == {during}
         restarted = _redis_on(redis.port, tmp_path / "redis-again.log")
         try:
-            await asyncio.sleep(2.0)       # heartbeats succeed again: shared once more
+            await all_shared(gws, "both replicas to share again (heartbeats succeed)",
+                             lambda s: s["store"] == "ok" and not s["alone"])
             after = await asyncio.gather(*(generate(s, gws[i % 2], 10) for i in range(8)))
             assert [a["_status"] for a in after] == [200] * 8
             statuses = [g.status()["shared"] for g in gws]
@@ -239,14 +255,13 @@ async def test_replicas_with_another_configuration_are_named_loudly(
     b = start_corral({"state": redis.url, "backends": backends(sim, slots=2), "keys": KEYS,
                       "limits": [{"name": "per-ip", "key": "ip", "rate": "10r/s"}]})
     c = start_corral({"state": redis.url, "backends": backends(sim, slots=2), "keys": KEYS})
-    ids = {}
-    for _ in range(100):
-        shared = [g.status()["shared"] for g in (a, b, c)]
-        ids = {s["replica"]: s for s in shared}
-        if all(len(s["replicas"]) == 3 for s in shared):
-            break
-        await asyncio.sleep(0.1)
-    await asyncio.sleep(1.2)              # one more heartbeat compares them
+    await all_shared([a, b, c], "each replica to know of the other two",
+                     lambda s: len(s["replicas"]) == 3)
+    # A heartbeat after that compares their configurations: B differs from A and C.
+    odd = b.status()["shared"]["replica"]
+    await all_shared([a, b, c], "each replica to name the ones configured otherwise",
+                     lambda s: len(s["config_mismatch"]) == (2 if s["replica"] == odd else 1))
+    ids = {g.status()["shared"]["replica"] for g in (a, b, c)}
     sa, sb, sc = (g.status()["shared"] for g in (a, b, c))
     assert sa["config"] == sc["config"] != sb["config"]
     assert sa["config_mismatch"] == [sb["replica"]] == sc["config_mismatch"]
@@ -283,7 +298,7 @@ def _tls_redis(tmp_path: Any, password: str) -> tuple[subprocess.Popen[bytes], i
          "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no", "--requirepass",
          password, "--save", "", "--appendonly", "no"], cwd=tmp_path,
         stdout=(tmp_path / "redis-tls.log").open("wb"), stderr=subprocess.STDOUT)
-    time.sleep(0.5)
+    wait_until(lambda: _accepts(port), f"redis-server to listen (TLS) on port {port}")
     return proc, port, tmp_path / "ca.crt"
 
 
@@ -323,14 +338,13 @@ async def test_a_late_release_after_a_pause_is_ignored_and_logged(
         a.proc.send_signal(signal.SIGSTOP)
         # A's lease lapses while it sleeps: B takes the slot (its request starts).
         taker = asyncio.create_task(generate(s, b, 500, "sk-light"))       # 5 s
-        for _ in range(500):
+
+        def b_started() -> bool:
             st = sim.stats()
             # A's request has ended at the backend, and B's has started there.
-            if st["completed"] >= 1 and st["in_flight"] >= 1:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError(f"B's request never started: {sim.stats()}")
+            return bool(st["completed"] >= 1 and st["in_flight"] >= 1)
+
+        await eventually(b_started, lambda: f"B's request to start: {sim.stats()}")
         a.proc.send_signal(signal.SIGCONT)
         first = await paused              # A's request ends; its release is late
         third = asyncio.create_task(generate(s, a, 5, "sk-alice"))

@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from tests.integration.conftest import Gateway, Sim, backends
+from tests.waiting import eventually
 
 M1, M2 = "llama3.2:latest", "mistral:latest"
 ONE_MODEL_EACH = ("--models", f"{M1},{M2}", "--parallel", "2", "--max-loaded", "1",
@@ -124,7 +125,9 @@ async def test_a_person_takes_the_slot_of_non_streamed_batch_work(
     async with aiohttp.ClientSession() as s:
         batch = [asyncio.create_task(generate(s, gw, M1, 200, "sk-nightly", stream=False))
                  for _ in range(3)]                   # 2 s each; two run, one waits
-        await asyncio.sleep(0.5)
+        await eventually(lambda: sim.stats()["in_flight"] == 2, "two batch requests to run")
+        await eventually(lambda: gw.status()["queue"]["depth"] == 1,
+                         "the third batch request to wait")
         person = await generate(s, gw, M1, 10, "sk-alice")
         results = await asyncio.gather(*batch)
     # The person did not wait for the batch work to finish (2 s): a slot was taken.
@@ -154,7 +157,7 @@ async def test_what_may_not_be_stopped_is_never_cut(start_sim: Any, start_corral
     async with aiohttp.ClientSession() as s:
         running = [asyncio.create_task(generate(s, gw, M1, 100, key, stream=stream))
                    for _ in range(2)]
-        await asyncio.sleep(0.3)
+        await eventually(lambda: sim.stats()["in_flight"] == 2, "both slots to be taken")
         person = await generate(s, gw, M1, 10, "sk-alice")
         results = await asyncio.gather(*running)
     assert person["_done_at"] > min(r["_done_at"] for r in results)
@@ -172,7 +175,11 @@ async def test_preemptions_per_request_are_bounded(start_sim: Any, start_corral:
                  for _ in range(2)]
         people = []
         for _ in range(4):
-            await asyncio.sleep(0.3)
+            # Each person comes when the batch work that is left runs on every slot it
+            # can (a preempted request runs again after the person who stopped it).
+            await eventually(
+                lambda: sim.stats()["in_flight"] >= 2 - sum(t.done() for t in batch),
+                "the batch work to run again")
             people.append(await generate(s, gw, M1, 10, "sk-alice"))
         results = await asyncio.gather(*batch)
     assert all(r["done"] and r["eval_count"] == 150 for r in results)
@@ -201,11 +208,12 @@ async def test_a_preempted_batch_job_is_one_job_with_one_result_and_one_callback
                                 "callback_url": f"http://127.0.0.1:{port}/hook"}) as r:
             assert r.status == 202
             job_id = (await r.json())["id"]
-        await _until(lambda: sim.stats()["in_flight"] == 1)
+        await eventually(lambda: sim.stats()["in_flight"] == 1, "the batch job to run")
         person = await generate(s, gw, M1, 10, "sk-alice")
         assert person["done"]
-        await _until(lambda: bool(calls), timeout=15)
-        await asyncio.sleep(0.5)                 # a second callback would be here by now
+        await eventually(lambda: calls, "the job's callback")
+        # Not a wait for anything: the time a second, unwanted callback would take.
+        await asyncio.sleep(0.5)
         async with s.get(f"{gw.url}/corral/jobs/{job_id}",
                          headers={"X-API-Key": "sk-nightly"}) as r:
             doc = await r.json()
@@ -215,13 +223,6 @@ async def test_a_preempted_batch_job_is_one_job_with_one_result_and_one_callback
     [run] = [r for r in gw.records() if r.get("client_name") == "nightly"]
     assert run["preemptions"] == 1 and run["status"] == 200
     assert sim.stats()["cancelled"] == 1
-
-
-async def _until(condition: Any, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
 
 
 async def _metrics(gw: Gateway) -> str:
@@ -239,7 +240,8 @@ async def test_after_a_load_corral_asks_the_backend_what_it_evicted(
     async with aiohttp.ClientSession() as s:
         answer = await generate(s, gw, M2, 5)
     assert answer["done"] and answer["load_duration"] >= 1e9       # it was loaded
-    await _until(lambda: a.stats()["requests"].get("/api/ps", 0) == before + 1)
+    await eventually(lambda: a.stats()["requests"].get("/api/ps", 0) == before + 1,
+                     "Corral to ask the backend what it has loaded")
     [b0] = gw.status()["backends"]
     assert [h["model"] for h in b0["holds"]] == [M2]
     assert b0["holds"][0]["load_time_learned"] is True

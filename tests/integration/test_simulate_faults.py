@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -13,6 +13,7 @@ import pytest
 
 from corral.simulate.server import RunningSim
 from tests.integration.conftest import MakeSim
+from tests.waiting import eventually
 
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
 OOM = "model requires more system memory (12.0 GiB) than is available (4.1 GiB)"
@@ -31,11 +32,10 @@ async def stats(http: aiohttp.ClientSession, sim: RunningSim) -> dict[str, Any]:
         return result
 
 
-async def wait_for(cond: Callable[[], Awaitable[bool]], within: float = 2.0) -> None:
-    deadline = time.monotonic() + within
-    while not await cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
+async def settles(http: aiohttp.ClientSession, sim: RunningSim, **want: int) -> None:
+    """Until the stand-in's stats show ``want`` (``in_flight=1, waiting=0``, say)."""
+    await eventually(lambda: _gauges(http, sim, **want),
+                     f"the stand-in's stats to show {want}", every=0.01)
 
 
 async def generate(http: aiohttp.ClientSession, sim: RunningSim, model: str = "llama3.2",
@@ -56,9 +56,8 @@ async def test_parallel_caps_slots_and_others_wait_fifo(make_sim: MakeSim,
     sim = await make_sim(parallel=2, tokens_per_second=50, loaded=("llama3.2",))
     t0 = time.monotonic()
     tasks = [asyncio.create_task(generate(http, sim, n=10)) for _ in range(5)]  # 0.2 s each
-    await asyncio.sleep(0.1)
-    mid = await stats(http, sim)
-    assert (mid["in_flight"], mid["waiting"]) == (2, 3)
+    # Two run, three wait their turn.
+    await settles(http, sim, in_flight=2, waiting=3)
     results = await asyncio.gather(*tasks)
     elapsed = time.monotonic() - t0
     assert all(status == 200 for status, _ in results)
@@ -73,9 +72,9 @@ async def test_queue_full_answers_503(make_sim: MakeSim, http: aiohttp.ClientSes
     sim = await make_sim(models=("a", "b", "c"), max_queue=1, load_time=0.3,
                          tokens_per_second=0)
     first = asyncio.create_task(generate(http, sim, "a"))  # taken out of the queue to load
-    await asyncio.sleep(0.05)
+    await settles(http, sim, waiting=1)
     second = asyncio.create_task(generate(http, sim, "b"))  # fills the one queue place
-    await asyncio.sleep(0.05)
+    await settles(http, sim, waiting=2)
     t0 = time.monotonic()
     status, body = await generate(http, sim, "c")
     assert (status, body) == (503, {"error": BUSY})
@@ -103,7 +102,7 @@ async def test_disconnect_frees_the_slot(make_sim: MakeSim, http: aiohttp.Client
     first = await resp.content.readline()
     assert orjson.loads(first)["done"] is False
     waiter = asyncio.create_task(generate(http, sim, n=2))  # queued behind the slot
-    await wait_for(lambda: _gauges(http, sim, in_flight=1, waiting=1))
+    await settles(http, sim, in_flight=1, waiting=1)
     resp.close()  # the client goes away mid-stream
     t0 = time.monotonic()
     status, obj = await waiter
@@ -117,12 +116,12 @@ async def test_disconnect_while_waiting_leaves_the_queue(make_sim: MakeSim,
                                                          http: aiohttp.ClientSession) -> None:
     sim = await make_sim(tokens_per_second=20, loaded=("llama3.2",))
     holder = asyncio.create_task(generate(http, sim, n=10))
-    await wait_for(lambda: _gauges(http, sim, in_flight=1, waiting=0))
+    await settles(http, sim, in_flight=1, waiting=0)
     with pytest.raises(TimeoutError):
         async with http.post(sim.url + "/api/generate", json={"model": "llama3.2", "prompt": "x"},
                              timeout=aiohttp.ClientTimeout(total=0.1)) as resp:
             await resp.read()
-    await wait_for(lambda: _gauges(http, sim, in_flight=1, waiting=0))
+    await settles(http, sim, in_flight=1, waiting=0)
     assert (await holder)[0] == 200
     assert (await stats(http, sim))["cancelled"] == 1
 
@@ -161,7 +160,7 @@ async def test_hang_sends_nothing_until_the_client_leaves(make_sim: MakeSim,
             await resp.read()
     async with http.get(sim.url + "/api/version") as resp:
         assert resp.status == 200
-    await wait_for(lambda: _gauges(http, sim, waiting=0, cancelled=1))
+    await settles(http, sim, waiting=0, cancelled=1)
 
 
 async def test_drop_cuts_the_stream_after_n_chunks(make_sim: MakeSim,

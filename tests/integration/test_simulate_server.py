@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from tests.integration.conftest import MakeSim
+from tests.waiting import eventually
 
 
 @pytest.fixture
@@ -269,8 +270,11 @@ async def test_load_unload_eviction_and_expiry(make_sim: MakeSim,
                          json={"model": "llama3.2", "keep_alive": "50ms"}) as resp:
         assert resp.status == 200
     assert await ps() == ["llama3.2:latest"]
-    await asyncio.sleep(0.1)
-    assert await ps() == []
+
+    async def unloaded() -> bool:
+        return await ps() == []
+
+    await eventually(unloaded, "llama3.2 to unload once its 50 ms keep_alive has passed")
     stats = sim.state.stats
     assert (stats.loads, stats.evictions, stats.unloads) == (3, 1, 2)
 
@@ -362,13 +366,12 @@ async def test_generation_stops_when_the_client_leaves(make_sim: MakeSim, stream
                 await resp.read()
 
         task = asyncio.create_task(ask())
-        await asyncio.sleep(0.3)
+        await eventually(lambda: sim.state.stats.in_flight == 1, "the stand-in to start work")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    deadline = time.monotonic() + 2
-    while sim.state.stats.cancelled < 1 and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: sim.state.stats.cancelled >= 1,
+                     "the stand-in to count the abandoned request cancelled")
     stats = sim.state.stats
     assert (stats.cancelled, stats.completed, stats.in_flight) == (1, 0, 0)
     assert stats.busy_seconds() < 1.0

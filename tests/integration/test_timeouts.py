@@ -7,7 +7,6 @@ refuses or never accepts a connection must get an answer just as fast, never a h
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import socket
@@ -21,6 +20,7 @@ import aiohttp
 import pytest
 
 from tests.integration.conftest import Gateway, Sim, backends
+from tests.waiting import eventually, wait_until
 
 SLOW_SIM = ("--models", "llama3.2:latest", "--loaded", "llama3.2:latest", "--tps", "0.5")
 FAST = {"first_byte": "500ms", "read": "500ms"}
@@ -41,13 +41,13 @@ async def stream_lines(url: str, body: dict[str, Any],
             return r.status, out
 
 
-def wait_idle(gw: Gateway, timeout: float = 2.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = gw.status()
-        if all(b["in_flight"] == 0 for b in st["backends"]) or time.monotonic() > deadline:
-            return st
-        time.sleep(0.05)
+def wait_idle(gw: Gateway) -> dict[str, Any]:
+    """Corral's status once nothing is in flight at its backends."""
+    def idle() -> dict[str, Any] | None:
+        st: dict[str, Any] = gw.status()
+        return st if all(b["in_flight"] == 0 for b in st["backends"]) else None
+
+    return wait_until(idle, "Corral to count nothing in flight at its backends")
 
 
 def generate_records(gw: Gateway) -> list[dict[str, Any]]:
@@ -84,10 +84,9 @@ async def test_read_timeout_ends_the_stream_with_one_error_line(
 
     assert [b["in_flight"] for b in wait_idle(gw)["backends"]] == [0]
     # Corral closed the upstream request, so the stand-in stopped generating.
-    deadline = time.monotonic() + 2
-    while sim.stats()["in_flight"] and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert sim.stats()["in_flight"] == 0 and sim.stats()["completed"] == 0
+    await eventually(lambda: sim.stats()["in_flight"] == 0,
+                     "the stand-in to stop generating once Corral closed the request")
+    assert sim.stats()["completed"] == 0
     recs = generate_records(gw)
     assert len(recs) == 1 and recs[0]["status"] == 200, recs
     assert "timed out" in (recs[0].get("error") or ""), recs[0]
@@ -170,10 +169,8 @@ async def test_read_timeout_after_a_token_keeps_it_and_ends_with_an_error(
     assert 0.4 < t_err - t_first < 1.5, (t_first, t_err)
 
     assert [b["in_flight"] for b in wait_idle(gw)["backends"]] == [0]
-    deadline = time.monotonic() + 2
-    while not stalling_backend.closed_after and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert stalling_backend.closed_after, "Corral left the upstream connection open"
+    await eventually(lambda: stalling_backend.closed_after,
+                     "Corral to close the upstream connection (it was left open)")
     recs = generate_records(gw)
     assert len(recs) == 1 and recs[0]["status"] == 200 and recs[0]["backend"] == "stall"
     assert "timed out" in (recs[0].get("error") or ""), recs[0]

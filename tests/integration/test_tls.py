@@ -21,6 +21,7 @@ from cryptography import x509
 
 from corral.bench.certs import Authority, authority, server_cert
 from tests.integration.conftest import backends, free_port
+from tests.waiting import eventually
 
 
 class Tls:
@@ -142,10 +143,8 @@ async def test_reload_swaps_the_certificate_without_cutting_a_stream(
                     shutil.copy(new_cert, tls.cert)
                     shutil.copy(new_key, tls.key)
                     gw.proc.send_signal(signal.SIGHUP)
-                    for _ in range(100):
-                        if "certificate read" in gw.log.read_text():
-                            break
-                        await asyncio.sleep(0.05)
+                    await eventually(lambda: "certificate read" in gw.log.read_text(),
+                                     "the reload to read the renewed certificate")
                     # A new connection, while the stream goes on, sees the new one.
                     new_der = await _served_cert(tls, trust_both)
                     assert new_der != old_der

@@ -10,12 +10,14 @@ import datetime as dt
 import io
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from tests.integration.conftest import Gateway
+from tests.waiting import eventually
 
 KEYS = [
     {"name": "alice", "key": "sk-alice", "tier": "premium"},
@@ -187,10 +189,16 @@ async def test_two_replicas_on_one_redis_sum_into_one_ledger(
             _call(s, gw, "sk-alice", "llama3.2", 4) for gw in (one, two) for _ in range(5)))
         assert all(status == 200 for status, _ in results)
         tokens = sum(body["eval_count"] for _, body in results)
-        await asyncio.sleep(0.6)            # the other replica's last flush
         assert one.status()["usage"]["store"].startswith(f"redis:127.0.0.1:{redis.port}/0")
-        for gw in (one, two):
+
+        async def alice_on(gw: Gateway) -> dict[str, Any] | None:
             status, body = await _usage(s, gw)
             assert status == 200
-            alice = _rows(body)[("alice", "llama3.2:latest")]
-            assert alice["requests"] == 10 and alice["tokens_out"] == tokens
+            row: dict[str, Any] | None = _rows(body).get(("alice", "llama3.2:latest"))
+            return row if row is not None and row["requests"] == 10 else None
+
+        # Each replica flushes its own counts: both replicas read the sum once both have.
+        for gw in (one, two):
+            alice = await eventually(partial(alice_on, gw),
+                                     f"the ledger read through {gw.url} to count all ten")
+            assert alice["tokens_out"] == tokens

@@ -18,13 +18,9 @@ from corral.jobs.api import (
 )
 from corral.jobs.service import own_url
 from corral.jobs.store import CallbackState, JobRecord, JobStatus, document
-from corral.pipeline.inference import BadRequest
+from corral.pipeline.inference import INFERENCE_PATHS, BadRequest
 
 HOSTS = ("hooks.internal",)
-
-
-def sub(data: object, hosts: tuple[str, ...] = HOSTS) -> object:
-    return parse_submission(orjson.dumps(data), hosts)
 
 
 def refused(raw: bytes, hosts: tuple[str, ...] = HOSTS) -> str:
@@ -50,10 +46,26 @@ def test_embedding_bodies_are_left_as_given() -> None:
     assert s.callback_url is None
 
 
-@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/api/generate",
-                                      "/v1/embeddings", "/v1/responses"])
+# Every inference endpoint, and the request a job runs there: generating ones without a
+# stream (a job keeps one answer), embedding ones as given (they have no stream field).
+RUN_AS = {
+    "/api/generate": {"model": "m", "stream": False},
+    "/api/chat": {"model": "m", "stream": False},
+    "/api/embed": {"model": "m"},
+    "/api/embeddings": {"model": "m"},
+    "/v1/chat/completions": {"model": "m", "stream": False},
+    "/v1/completions": {"model": "m", "stream": False},
+    "/v1/embeddings": {"model": "m"},
+    "/v1/responses": {"model": "m", "stream": False},
+    "/v1/messages": {"model": "m", "stream": False},
+}
+
+
+@pytest.mark.parametrize("endpoint", sorted(INFERENCE_PATHS))
 def test_every_inference_endpoint_is_accepted(endpoint: str) -> None:
-    sub({"endpoint": endpoint, "body": {"model": "m"}})
+    s = parse_submission(orjson.dumps({"endpoint": endpoint, "body": {"model": "m"}}), HOSTS)
+    assert (s.endpoint, s.model, s.callback_url) == (endpoint, "m", None)
+    assert orjson.loads(s.body) == RUN_AS[endpoint]
 
 
 @pytest.mark.parametrize(("raw", "why"), [

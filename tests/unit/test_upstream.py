@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from corral.pipeline.upstream import Pool, UpstreamError, encode_head
+from tests.waiting import eventually
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -104,18 +105,23 @@ async def test_body_until_connection_close(serve) -> None:  # type: ignore[no-un
 
 
 async def test_stale_pooled_connection_is_retried_once(serve) -> None:  # type: ignore[no-untyped-def]
+    hung_up = asyncio.Event()
+
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await _read_request(r)
         w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await w.drain()
         # then close while idle: the pooled connection is stale
+        w.close()
+        await w.wait_closed()
+        hung_up.set()
 
     url, conns = await serve(script)
     pool = Pool(url, 1.0)
     first = await pool.request(HEAD, b"{}", 1.0, 1.0)
     await _body(first)
     first.release()
-    await asyncio.sleep(0.05)
+    await eventually(hung_up.is_set, "the backend to close the idle connection")
     second = await pool.request(HEAD, b"{}", 1.0, 1.0)
     assert await _body(second) == b"ok"
     assert len(conns) == 2
@@ -170,9 +176,9 @@ async def test_slow_reader_pauses_the_backend(serve) -> None:  # type: ignore[no
 
     url, _ = await serve(flood)
     resp = await Pool(url, 1.0).request(HEAD, b"{}", 1.0, 5.0)
-    await asyncio.sleep(0.3)
     # Nobody read: Corral stopped reading near its high-water mark instead of taking
     # in the whole 4 MiB answer.
+    await eventually(lambda: resp._conn.paused, "Corral to stop reading from the backend")
     assert resp._conn.buffered < 1024 * 1024
     assert len(await _body(resp)) == 64 * len(big)
 
