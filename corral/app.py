@@ -54,6 +54,7 @@ from corral.pipeline.inference import INFERENCE_PATHS, handle_inference
 from corral.pipeline.route import Router
 from corral.pipeline.upstream import Pools
 from corral.reload import reload_from_file, reload_handler
+from corral.runtime import give_back_memory
 from corral.scheduler.queues import JobQueue, Priority
 from corral.scheduler.shared.redis import RedisSlotStore
 from corral.scheduler.shared.replica import SharedScheduler
@@ -208,9 +209,12 @@ class Gateway:
             forgotten = self.scheduler.forget_idle_clients()
             store = self.admission.store
             if isinstance(store, MemoryLimitStore):
-                store.sweep()
+                forgotten += store.sweep()
+            # After a flood the freed memory would otherwise stay resident at its
+            # peak; a few milliseconds once per period.
+            give_back_memory()
             if forgotten:
-                log.debug("forgot the fair-share counters of %d idle clients", forgotten)
+                log.debug("forgot the state of %d idle clients or limit keys", forgotten)
 
     async def stop(self) -> None:
         if self._housekeeping is not None:
