@@ -41,7 +41,7 @@ MAX_TTFB_PER_SECOND = 1000   # per backend: enough for a median, bounded under a
 TOP_CLIENTS = 20
 # Clients one second keeps for the window's shares: the busiest (by tokens, then
 # requests). A flood of distinct addresses would otherwise hold a minute of them.
-MAX_CLIENTS_PER_SECOND = 1000
+MAX_CLIENTS_PER_SECOND = 500
 
 # A limit, an authentication refusal or the queue turned the request away. A 503 only
 # counts when no backend was ever assigned: a backend's own 503 is an upstream error.
