@@ -53,6 +53,7 @@ from corral.pipeline.inference import INFERENCE_PATHS, handle_inference
 from corral.pipeline.route import Router
 from corral.pipeline.upstream import Pools
 from corral.reload import reload_from_file, reload_handler
+from corral.runtime import give_back_memory
 from corral.scheduler.queues import JobQueue, Priority
 from corral.scheduler.shared.redis import RedisSlotStore
 from corral.scheduler.shared.replica import SharedScheduler
@@ -96,12 +97,13 @@ class Gateway:
         self.scheduler.on_failure = self.metrics.upstream_error
         self.jobs = JobService(lambda: self.settings, lambda tier: self.tiers[tier][0])
         u = settings.usage
-        self.ledger = (Ledger(_usage_store(settings, config_path), u.flush, u.keep)
-                       if u.enabled else None)
+        self.ledger = (Ledger(_usage_store(settings, config_path), u.flush, u.keep,
+                              known_model=self.fleet.has_model) if u.enabled else None)
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in start
         self.health: HealthMonitor = None  # type: ignore[assignment]
         self.pools: Pools = None  # type: ignore[assignment]
         self._rr = 0
+        self._housekeeping: asyncio.Task[None] | None = None
         self._routes: dict[tuple[str, str], Handler] = {}
         self._install_routes()
         self._own_routes: dict[tuple[str, str], Handler] = {}
@@ -196,8 +198,29 @@ class Gateway:
         await self.jobs.start()
         if isinstance(self.scheduler, SharedScheduler):
             self.scheduler.start()
+        self._housekeeping = asyncio.get_running_loop().create_task(
+            self._forget_idle(), name="corral-forget-idle")
+
+    async def _forget_idle(self) -> None:
+        """Per-client state of clients gone quiet: fair-share counters and expired
+        limit entries (in memory; Redis expires its keys itself)."""
+        while True:
+            await asyncio.sleep(self.settings.queue.forget_idle)
+            forgotten = self.scheduler.forget_idle_clients()
+            store = self.admission.store
+            if isinstance(store, MemoryLimitStore):
+                forgotten += store.sweep()
+            # After a flood the freed memory would otherwise stay resident at its
+            # peak; a few milliseconds once per period.
+            give_back_memory()
+            if forgotten:
+                log.debug("forgot the state of %d idle clients or limit keys", forgotten)
 
     async def stop(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
         await self.jobs.stop()     # first: running jobs are handed back to the queue
         if isinstance(self.scheduler, SharedScheduler):
             await self.scheduler.stop()

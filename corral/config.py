@@ -330,6 +330,17 @@ class QueueConfig(_Model):
     # While the shared state store cannot be reached: "allow" carries on, each replica
     # with its share of each backend's slots (never more in all); "deny" answers 503.
     on_store_error: Literal["allow", "deny"] = "allow"
+    # A client idle this long (one to two times it) loses its fair-share counter, and
+    # expired per-client limit state is swept as often: memory follows the clients
+    # of the recent past, not every address ever seen.
+    forget_idle: Duration = 600.0
+
+    @field_validator("forget_idle")
+    @classmethod
+    def _forget_idle(cls, value: float) -> float:
+        if value < 1.0:
+            raise ValueError(f"must be at least 1s, not {value:g}s")
+        return value
 
     @field_validator("slot_lease")
     @classmethod

@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from corral import __version__
 from corral.backends.backend import Backend
+from corral.limits.storage.memory import MemoryLimitStore
 from corral.scheduler.queues import JobQueue
 
 if TYPE_CHECKING:
     from corral.backends.health import HealthMonitor
     from corral.config import Settings
     from corral.fleet.state import Fleet
+    from corral.pipeline.admit import Admission
     from corral.scheduler.slots import Scheduler
 
 log = logging.getLogger("corral.status")
@@ -37,6 +39,9 @@ MAX_REJECTIONS = 50
 MAX_PENDING = 100_000    # records waiting for the sampler; beyond, the oldest are dropped
 MAX_TTFB_PER_SECOND = 1000   # per backend: enough for a median, bounded under any load
 TOP_CLIENTS = 20
+# Clients one second keeps for the window's shares: the busiest (by tokens, then
+# requests). A flood of distinct addresses would otherwise hold a minute of them.
+MAX_CLIENTS_PER_SECOND = 500
 
 # A limit, an authentication refusal or the queue turned the request away. A 503 only
 # counts when no backend was ever assigned: a backend's own 503 is an upstream error.
@@ -67,6 +72,7 @@ class Observed(Protocol):
     queue: JobQueue
     health: HealthMonitor
     activity: Activity
+    admission: Admission
     started: float
 
     @property
@@ -103,6 +109,14 @@ class _Second:
     backend_requests: dict[str, int] = field(default_factory=dict)
     client_tokens: dict[str, int] = field(default_factory=dict)
     client_requests: dict[str, int] = field(default_factory=dict)
+
+
+def _keep_busiest(sec: _Second) -> None:
+    tokens, reqs = sec.client_tokens, sec.client_requests
+    busiest = sorted(reqs, key=lambda c: (tokens.get(c, 0), reqs[c]),
+                     reverse=True)[:MAX_CLIENTS_PER_SECOND]
+    sec.client_tokens = {c: tokens[c] for c in busiest if c in tokens}
+    sec.client_requests = {c: reqs[c] for c in busiest}
 
 
 class Activity:
@@ -176,6 +190,8 @@ class Activity:
                     "limit": rec.get("limit"), "path": rec.get("path"), "status": status,
                     "error": rec.get("error"),
                 })
+        if len(sec.client_requests) > MAX_CLIENTS_PER_SECOND:
+            _keep_busiest(sec)
         self.totals["requests"] += requests
         self.totals["rejected"] += rejected
         self.totals["tokens_in"] += tokens_in
@@ -348,6 +364,13 @@ def build_status(gw: Observed) -> dict[str, Any]:
     # status poll and never on the request path.
     waiting = {job.client for job in gw.queue.ordered()}
     status["clients"] = clients_status(activity, gw.queue.counters, sorted(waiting))
+    # Per-client state held now: it follows the clients of the recent past
+    # (queue.forget_idle), however many addresses have ever called.
+    store = gw.admission.store
+    status["remembered"] = {
+        "fair_share_clients": len(gw.queue.counters),
+        "limit_keys": store.key_count() if isinstance(store, MemoryLimitStore) else None,
+        "forget_idle_s": gw.settings.queue.forget_idle}
     status["rejections"] = list(activity.rejections)
     status["totals"] = dict(activity.totals)
     status["recent"] = dict(activity.recent)

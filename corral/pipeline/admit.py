@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -63,15 +64,18 @@ class _Rule:
                    frozenset(normalize_model(m) for m in rule.models), frozenset(rule.tiers),
                    params, tuple(budgets))
 
-    def matches(self, method: str, path: str, model: str | None, tier: str) -> bool:
+    def matches(self, method: str, path: str, tier: str) -> bool:
+        """Whether the rule applies, judged on the request's head alone: a rule that
+        names models also needs the model (``models_match``)."""
         if (self.exact or self.prefixes) and path not in self.exact and not any(
                 path.startswith(p) for p in self.prefixes):
             return False
         if self.methods and method not in self.methods:
             return False
-        if self.models and (model is None or model not in self.models):
-            return False
         return not self.tiers or tier in self.tiers
+
+    def models_match(self, model: str | None) -> bool:
+        return not self.models or (model is not None and model in self.models)
 
     def key(self, request: web.BaseRequest, client: Client) -> str:
         kind = self.cfg.key
@@ -98,6 +102,24 @@ class Verdict:
     lease: ConnLease | None = None
     dry_lease: ConnLease | None = None
     token_calls: tuple[TokenCall, ...] = ()
+    # Stage HEAD: some zone waits for the model (stage BODY decides it).
+    deferred: bool = False
+    # Stage BODY's verdict, released with this one.
+    then: Verdict | None = None
+
+
+class Stage(enum.Enum):
+    """When an inference request is judged. Its body is read only after the limits
+    that do not need it: a client an IP limit refuses never gets its body read.
+
+    HEAD, before the body: every rule that names no models, unless an earlier rule of
+    its zone names models (the first matching rule of a zone wins, so that zone must
+    wait for the model). BODY, once the model is known: those waiting zones. A request
+    refused at BODY has been counted by the zones decided at HEAD, as a request nginx
+    passes through ``limit_req`` and then refuses elsewhere."""
+
+    HEAD = "head"
+    BODY = "body"
 
 
 class Admission:
@@ -161,18 +183,37 @@ class Admission:
             log.warning("limit store is back")
 
     async def admit(self, request: web.BaseRequest, client: Client, model: str | None,
-                    openai: bool) -> Verdict:
+                    openai: bool, stage: Stage | None = None,
+                    waited_ms: int = 0) -> Verdict:
+        """Judge the request by every rule that applies (``stage``: only those decided
+        at that stage). ``waited_ms``: the delay an earlier stage has already served,
+        so the request waits for the longest over all zones, as in nginx."""
         verdict = Verdict()
         if not self.enabled:
             return verdict
-        method, path = request.method, request.path
+        method, path, tier = request.method, request.path, client.tier
         seen: set[str] = set()
+        waiting: set[str] = set()       # zones whose first matching rule names models
         req_rules: list[tuple[_Rule, str]] = []
         conn_rules: list[tuple[_Rule, str]] = []
         token_rules: list[tuple[_Rule, str]] = []
         for rule in self.rules:
             zone = rule.cfg.zone_name
-            if zone in seen or not rule.matches(method, path, model, client.tier):
+            if zone in seen or not rule.matches(method, path, tier):
+                continue
+            if stage is not None:
+                later = bool(rule.models) or zone in waiting
+                if later:
+                    waiting.add(zone)
+                    if stage is Stage.HEAD:
+                        verdict.deferred = True
+                        continue
+                elif stage is Stage.BODY:
+                    # Decided at HEAD: only note the zone as taken, as HEAD did.
+                    if rule.key(request, client):
+                        seen.add(zone)
+                    continue
+            if not rule.models_match(model):
                 continue
             key = rule.key(request, client)
             if not key:
@@ -197,7 +238,7 @@ class Admission:
             # nginx's delay: the request is already counted and waits here, before it
             # is scheduled (holding no backend slot) and before limit_conn counts it.
             # A client that leaves meanwhile cancels this wait.
-            await asyncio.sleep(verdict.delay_ms / 1000)
+            await asyncio.sleep(max(verdict.delay_ms - waited_ms, 0) / 1000)
         if conn_rules and not failed:
             try:
                 await self._limit_conn(conn_rules, verdict, openai)
@@ -331,6 +372,8 @@ class Admission:
 
     async def finish(self, verdict: Verdict, tokens: int) -> None:
         """The response ended (or the client left): release and charge."""
+        if verdict.then is not None:
+            await self.finish(verdict.then, tokens)
         for lease in (verdict.lease, verdict.dry_lease):
             if lease is not None:
                 self._leases.discard(lease)

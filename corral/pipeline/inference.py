@@ -12,7 +12,7 @@ import time
 from typing import Any, Protocol
 
 import orjson
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from corral.backends.backend import Backend, normalize_model
 from corral.backends.health import HealthMonitor
@@ -20,7 +20,7 @@ from corral.config import Settings
 from corral.fleet.state import Fleet
 from corral.observe.accesslog import AccessLog
 from corral.pipeline.account import timings_from_tail, usage_from_tail
-from corral.pipeline.admit import Admission, Verdict
+from corral.pipeline.admit import Admission, Stage, Verdict
 from corral.pipeline.affinity import Affinity, session_key
 from corral.pipeline.errors import error_response, not_found_model
 from corral.pipeline.forward import RelayResult, Timeouts, UpstreamFailure, raw_drop_set, relay
@@ -78,18 +78,44 @@ class BadRequest(Exception):
 
 async def read_body(request: web.BaseRequest, limit_s: float) -> bytes:
     """The whole body (inference needs the model before anything else), within
-    ``timeouts.client_body``: a client that stalls mid-body holds nothing for long."""
+    ``timeouts.client_body`` and ``max_body_size``.
+
+    The size cap holds while the body arrives, never after: a declared
+    ``Content-Length`` over it is refused before a byte is read (as nginx's
+    ``client_max_body_size``), and a chunked body is refused as soon as what arrived
+    passes it, so at most the cap plus one network read is ever held.
+    """
+    cap = request.client_max_size
+    declared = request.content_length
+    if declared is not None and declared > cap:
+        raise BadRequest(413, f"request body too large: the limit is {cap} bytes")
+    content = request.content
+    if content.is_eof():
+        # Already all here (the common case for small bodies): nothing can stall, and
+        # what is buffered is at most one read past the cap.
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BadRequest(413, f"request body too large: the limit is {cap} bytes") \
+                from None
     try:
-        if request.content.is_eof():
-            # Already all here (the common case for small bodies): nothing can stall.
-            return await request.read()
         async with asyncio.timeout(limit_s or None):
-            return await request.read()
+            return await _read_capped(content, cap)
     except TimeoutError:
         raise BadRequest(408, f"request body not received within {limit_s:g}s") from None
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.client_max_size
-        raise BadRequest(413, f"request body too large: the limit is {limit} bytes") from None
+
+
+async def _read_capped(content: StreamReader, cap: int) -> bytes:
+    # Not ``request.read()``: it raises aiohttp's read buffer to the cap first, so a
+    # fast sender could have twice the cap buffered before the check.
+    body = bytearray()
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if len(body) > cap:
+            raise BadRequest(413, f"request body too large: the limit is {cap} bytes")
 
 
 def parse_object(body: bytes) -> dict[str, Any]:
@@ -196,6 +222,18 @@ async def handle_inference(gw: Gateway, request: web.BaseRequest) -> web.StreamR
 
 async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool, started: float,
                  rec: dict[str, Any]) -> web.StreamResponse:
+    client: Client = request["client"]
+    verdict: Verdict | None = None
+    if gw.admission.enabled:
+        # Before the body: a client these limits refuse (say, per IP) never has its
+        # body read, whatever it declared.
+        verdict = await gw.admission.admit(request, client, None, openai, Stage.HEAD)
+        request["verdict"] = verdict
+        refused = _refused(verdict, rec)
+        if refused is not None:
+            if not request.content.is_eof():
+                refused.force_close()   # the unread body cannot be followed by a request
+            return refused
     try:
         body = await read_body(request, gw.settings.timeouts.client_body)
         data, model = parse_request(body)
@@ -204,15 +242,14 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
         return error_response(exc.status, str(exc), openai)
     rec["model"] = model
     name = normalize_model(model)
-    client: Client = request["client"]
-    if gw.admission.enabled:
-        verdict = await gw.admission.admit(request, client, name, openai)
-        request["verdict"] = verdict
-        if verdict.outcome != "passed":
-            rec["rule"], rec["limit"] = verdict.rule, verdict.outcome
-        if verdict.response is not None:
-            rec["status"] = verdict.response.status
-            return verdict.response
+    if verdict is not None and verdict.deferred:
+        # Zones whose rules name models, now that the model is known.
+        verdict.then = then = await gw.admission.admit(request, client, name, openai,
+                                                       Stage.BODY, verdict.delay_ms)
+        verdict.headers.update(then.headers)
+        refused = _refused(then, rec)
+        if refused is not None:
+            return refused
     if not gw.fleet.any_up():
         # Nothing answers at all: say so plainly rather than guess a 404.
         rec["status"], rec["error"] = 503, "no backend is reachable"
@@ -309,6 +346,15 @@ async def _serve(gw: Gateway, request: web.BaseRequest, path: str, openai: bool,
         gw.metrics.retry(backend.name)
         job.exclude |= {backend.name}
     return await _stream(gw, request, job, backend, upstream, openai, rec, started)
+
+
+def _refused(verdict: Verdict, rec: dict[str, Any]) -> web.Response | None:
+    """Note what admission decided in the record; its answer when it refused."""
+    if verdict.outcome != "passed":
+        rec["rule"], rec["limit"] = verdict.rule, verdict.outcome
+    if verdict.response is not None:
+        rec["status"] = verdict.response.status
+    return verdict.response
 
 
 async def _stream(gw: Gateway, request: web.BaseRequest, job: Job, backend: Backend,

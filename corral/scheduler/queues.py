@@ -77,6 +77,8 @@ class JobQueue:
         self._fifo: list[dict[int, Job]] = [{} for _ in Priority]
         self._fronts: list[dict[int, Job]] = [{} for _ in Priority]
         self.counters: dict[str, float] = {}
+        # Clients charged since the last ``forget_idle_clients``: those it keeps.
+        self._active: set[str] = set()
         self._last_served_counter = 0.0
         self._len = 0
         # (model, num_ctx) → waiting jobs per class: how many are ahead of a new job.
@@ -179,13 +181,24 @@ class JobQueue:
             return
         value = self.counters.get(job.client, 0.0) + service / job.weight
         self.counters[job.client] = value
+        self._active.add(job.client)
         self._last_served_counter = value
 
-    def forget_idle_clients(self, keep: int = 10_000) -> None:
-        """Bound memory: drop counters of clients not waiting, oldest first."""
-        if len(self.counters) <= keep:
-            return
-        waiting = {c for cls in self._classes for c in cls}
-        for client in list(self.counters)[: len(self.counters) - keep]:
-            if client not in waiting:
-                del self.counters[client]
+    def credit(self, client: str, amount: float) -> None:
+        """Add service already divided by weight (what other replicas charged)."""
+        self.counters[client] = self.counters.get(client, 0.0) + amount
+        self._active.add(client)
+
+    def forget_idle_clients(self) -> int:
+        """Drop the counters of clients neither waiting nor charged since the last
+        call; called every ``queue.forget_idle``, so a client is forgotten after one to
+        two such periods of idleness, and memory follows the clients of the recent
+        past, not every address ever seen. A forgotten client that returns is lifted
+        like any returning one (``_lift``): level with the least-served backlogged
+        client. Returns how many were dropped."""
+        keep = self._active | {c for cls in self._classes for c in cls}
+        before = len(self.counters)
+        if len(keep) < before:
+            self.counters = {c: v for c, v in self.counters.items() if c in keep}
+        self._active = set()
+        return before - len(self.counters)

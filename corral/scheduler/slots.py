@@ -424,6 +424,10 @@ class Scheduler:
     def depth(self) -> int:
         return len(self.queue)
 
+    def forget_idle_clients(self) -> int:
+        """Fair-share counters of clients idle since the last call (``queue.py``)."""
+        return self.queue.forget_idle_clients()
+
     def replication(self) -> dict[str, object] | None:
         """With several replicas: this one, the leader, the replicas alive (``None``
         for one process)."""

@@ -8,6 +8,8 @@ the store refuses is merged back and tried again, so a store outage delays figur
 and loses none (memory grows with distinct client × model × tier × day only).
 
 What counts, per client (the key's name, else the IP), model, tier and UTC day:
+(the model as the fleet knows it: a name no backend has is summed under ``other``,
+as in the metrics, so free text from clients never becomes a row of its own):
 every request the access log records — refused ones too, as refusals by rule or
 cause — except CORS preflights (asking is not using).
 """
@@ -32,6 +34,8 @@ PRUNE_EVERY = 3600.0          # retention is in days: once an hour is plenty
 # Statuses that are a refusal by Corral (a limit, the queue, a missing key or a
 # refused origin) rather than an answer; see ``refusal_cause``.
 _REFUSALS = frozenset({401, 403, 429, 503})
+# Every model name the fleet does not have (the metrics' label for them too).
+OTHER_MODEL = "other"
 
 
 def utc_day(t: float) -> str:
@@ -59,8 +63,10 @@ def refusal_cause(rec: Mapping[str, Any]) -> str | None:
 
 class Ledger:
     def __init__(self, store: UsageStore, flush_s: float, keep_days: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 known_model: Callable[[str], bool] | None = None) -> None:
         self.store = store
+        self.known_model = known_model
         self.flush_s = flush_s
         self.keep_days = keep_days
         self._clock = clock
@@ -84,9 +90,11 @@ class Ledger:
             self._day = utc_day(t)
             self._day_end = (t // _DAY + 1) * _DAY    # UTC days are whole multiples
         name = rec.get("client_name")
+        model = normalize_model(str(rec.get("model") or ""))
+        if model and self.known_model is not None and not self.known_model(model):
+            model = OTHER_MODEL
         key = UsageKey(self._day, str(name if name else rec.get("client") or ""),
-                       normalize_model(str(rec.get("model") or "")),
-                       str(rec.get("tier") or ""))
+                       model, str(rec.get("tier") or ""))
         usage = self._sums.get(key)
         if usage is None:
             usage = self._sums[key] = Usage()

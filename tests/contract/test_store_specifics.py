@@ -42,6 +42,21 @@ async def test_memory_drops_idle_keys(clock: FakeClock) -> None:
     assert store.key_count() == 0
 
 
+async def test_memory_sweep_drops_expired_keys_without_traffic(clock: FakeClock) -> None:
+    """A flood of keys that then stops: the periodic sweep (every queue.forget_idle)
+    drops them although no operation follows; live keys stay and keep their state."""
+    store = MemoryLimitStore(clock=clock, conn_lease_ms=LEASE_MS)
+    for i in range(5000):
+        await store.limit_req([ReqZoneCall("z", f"10.0.{i >> 8}.{i & 255}",
+                                           ONE_PER_SECOND)])
+    clock.advance(2_000)
+    busy = await store.limit_req([ReqZoneCall("z", "busy", ONE_PER_SECOND)])
+    assert store.sweep() == 5000
+    assert store.key_count() == 1
+    again = await store.limit_req([ReqZoneCall("z", "busy", ONE_PER_SECOND)])
+    assert (busy.status, again.status) == (LimitStatus.PASSED, LimitStatus.DELAYED)
+
+
 # --- redis ---------------------------------------------------------------------------
 
 needs_redis = pytest.mark.redis

@@ -73,3 +73,36 @@ def test_fifo_mode_ignores_counters() -> None:
     q.push(b)
     q.charge(a, 1e9)
     assert list(q.ordered()) == [a, b]
+
+
+def test_idle_clients_are_forgotten_and_come_back_level() -> None:
+    """Counters of clients neither waiting nor charged since the last pass go; a
+    forgotten client that returns starts level with the backlogged ones, as any
+    returning client does."""
+    q = JobQueue("tokens")
+    for i in range(1000):
+        q.charge(Job("m", client=f"10.0.{i >> 8}.{i & 255}"), 10)
+    waiting = Job("m", client="waiting")
+    q.push(waiting)
+    assert q.forget_idle_clients() == 0             # all charged since the last pass
+    active = Job("m", client="active")
+    q.charge(active, 50)
+    assert q.forget_idle_clients() == 1000
+    assert set(q.counters) == {"waiting", "active"}
+    q.charge(waiting, 30)
+    returning = Job("m", client="10.0.0.1")
+    q.push(returning)
+    assert q.counters["10.0.0.1"] == q.counters["waiting"] > 10
+    q.remove(waiting)
+    q.remove(returning)
+    # "active" idle for a whole pass; the returning one left without being served.
+    assert q.forget_idle_clients() == 2
+    assert set(q.counters) == {"waiting"}           # charged during that pass
+    assert q.forget_idle_clients() == 1
+    assert q.counters == {}
+
+
+def test_fifo_has_no_counters_to_forget() -> None:
+    q = JobQueue("fifo")
+    q.charge(Job("m", client="a"), 10)
+    assert q.forget_idle_clients() == 0 and q.counters == {}

@@ -51,6 +51,22 @@ async def test_requests_tokens_and_times_sum_per_client_model_tier_day(tmp_path:
     assert kept[UsageKey("2026-12-01", "alice", "llama3.2:latest", "basic")].requests == 1
 
 
+async def test_models_the_fleet_lacks_are_summed_under_one_name(tmp_path: Path) -> None:
+    fleet = {"llama3.2:latest"}
+    ledger = Ledger(SqliteUsageStore(tmp_path / "u.sqlite3"), 1.0, 400,
+                    clock=lambda: MIDNIGHT + 7200, known_model=fleet.__contains__)
+    for i in range(1000):
+        ledger.record(rec(model=f"made-up-{i}", status=404, tokens_in=0, tokens_out=0))
+    ledger.record(rec(model="llama3.2"))
+    ledger.record(rec(model=None, status=429, rule="per-ip", backend=None))
+    assert ledger.pending() == 3
+    await ledger.flush()
+    kept = await ledger.store.query("2000-01-01", "2100-01-01")
+    await ledger.store.close()
+    assert {k.model: v.requests for k, v in kept.items()} == {
+        "other": 1000, "llama3.2:latest": 1, "": 1}
+
+
 async def test_refusals_by_rule_or_cause_and_upstream_errors(tmp_path: Path) -> None:
     kept = await _sums(
         tmp_path,

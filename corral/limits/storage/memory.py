@@ -63,10 +63,14 @@ class _ExpiringMap(Generic[K, V]):
     def pop(self, key: K) -> None:
         self._data.pop(key, None)
 
-    def sweep(self, now_ms: int) -> None:
-        expired = [key for key, (_, expires_at) in self._data.items() if expires_at <= now_ms]
-        for key in expired:
-            del self._data[key]
+    def sweep(self, now_ms: int) -> int:
+        # Rebuilt rather than deleted from: a dict never shrinks its table on deletion,
+        # so after a flood of distinct keys it would keep their room for good.
+        data = self._data
+        live = {key: item for key, item in data.items() if item[1] > now_ms}
+        if len(live) < len(data):
+            self._data = live
+        return len(data) - len(live)
 
 
 class MemoryLimitStore:
@@ -93,6 +97,14 @@ class MemoryLimitStore:
     def key_count(self) -> int:
         """Keys currently held, for tests and the status page."""
         return len(self._req) + len(self._conn) + len(self._tokens)
+
+    def sweep(self) -> int:
+        """Drop every void entry now: called periodically, so the keys of a flood
+        that then stops go away too (the amortised sweep needs operations to run).
+        Returns how many were dropped."""
+        now = self._clock()
+        self._ops = 0
+        return sum(entries.sweep(now) for entries in (self._req, self._conn, self._tokens))
 
     def _now(self) -> int:
         """Read the clock, and now and then drop every void entry.

@@ -312,8 +312,7 @@ class Leader:
             b.in_flight = n
         charges = await self.store.charges()
         for client, amount in charges.items():
-            counters = self.queue.counters
-            counters[client] = counters.get(client, 0.0) + amount
+            self.queue.credit(client, amount)
         if not self.jobs:
             return
         if any(job.priority < Priority.LOW for job in self.jobs.values()):

@@ -447,6 +447,12 @@ class SharedScheduler(Scheduler):
         if self.local:
             self._alone[job.seq] = job      # to be recorded once the store is back
 
+    def forget_idle_clients(self) -> int:
+        # The leader keeps the counters that order the shared queue.
+        leader = self.leader
+        return super().forget_idle_clients() + (
+            leader.queue.forget_idle_clients() if leader is not None else 0)
+
     def settle(self, job: Job, correction: float) -> None:
         # Charged in the shared store with the release (no extra round trip).
         job.settled = correction
