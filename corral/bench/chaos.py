@@ -48,6 +48,7 @@ answers per second in the ``window`` seconds after the last fault healed against
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import math
 import random
@@ -457,11 +458,24 @@ async def _until(at: float) -> None:
 # -- the run -----------------------------------------------------------------------------
 
 
+async def sample_busy(standin: Target, samples: list[tuple[float, float]],
+                      interval: float = 0.5) -> None:
+    """The stand-in's busy slot-seconds, every ``interval``, until cancelled: how busy
+    its slots were over any stretch of the run (a backend running with a slot lost
+    shows as half busy under a load that would fill both)."""
+    while True:
+        with contextlib.suppress(OSError, TimeoutError, asyncio.IncompleteReadError,
+                                 load.ProtocolError, orjson.JSONDecodeError):
+            samples.append((time.time(), float(
+                (await standin_stats(standin))["busy_seconds"])))
+        await asyncio.sleep(interval)
+
+
 async def run(opts: Options, workdir: Path, progress: Progress) -> dict[str, Any]:
     harness.raise_fd_limit()
     faults: list[Fault] = []
     events: list[dict[str, Any]] = []
-    busy: dict[str, float] = {}
+    busy: list[tuple[float, float]] = []
     async with contextlib.AsyncExitStack() as stack:
         progress(f"starting redis-server, a stand-in with {opts.slots} slots and "
                  f"{opts.replicas} Corral replicas")
@@ -470,15 +484,12 @@ async def run(opts: Options, workdir: Path, progress: Progress) -> dict[str, Any
         assert fleet.standin is not None
         clients = Clients(fleet, opts)
         clients.start()
+        sampler = asyncio.ensure_future(sample_busy(fleet.standin, busy))
         origin = time.time()
         try:
             progress(f"{opts.clients} clients: {opts.warmup:g} s warm-up, then "
                      f"{opts.window:g} s before the first fault")
             first = origin + opts.warmup + opts.window
-            await _until(first - opts.window)
-            busy["before_start"] = (await standin_stats(fleet.standin))["busy_seconds"]
-            await _until(first)
-            busy["before_end"] = (await standin_stats(fleet.standin))["busy_seconds"]
             count = max(len(KINDS), math.floor(opts.duration / opts.fault_every) + 1)
             per_kind: Counter[str] = Counter()
             for i in range(count):
@@ -491,17 +502,36 @@ async def run(opts: Options, workdir: Path, progress: Progress) -> dict[str, Any
                          f"{f.healed - f.start:.1f} s")
                 fleet.standin.check_alive()
                 await fleet.restart_exited(events, origin)
-            last = faults[-1].healed
             progress(f"{opts.window:g} s after the last fault")
-            busy["after_start"] = (await standin_stats(fleet.standin))["busy_seconds"]
-            await _until(last + opts.window)
-            busy["after_end"] = (await standin_stats(fleet.standin))["busy_seconds"]
+            await _until(faults[-1].healed + opts.window + 0.6)   # one sample past it
             progress("waiting for the requests still open")
             await clients.stop()
             stats = await standin_stats(fleet.standin)
         finally:
             clients.cancel()
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
     return summarize(opts, origin, faults, clients, stats, busy, events, fleet)
+
+
+def busy_share(samples: list[tuple[float, float]], a: float, b: float, slots: int) -> float | None:
+    """The share of the slots' time busy between ``a`` and ``b`` (interpolated between
+    samples); None without samples on both sides."""
+    def at(t: float) -> float | None:
+        i = bisect.bisect_left(samples, t, key=lambda x: x[0])
+        if i == len(samples) or (i == 0 and samples[0][0] != t):
+            return None
+        t1, v1 = samples[i]
+        if t1 == t:
+            return v1
+        t0, v0 = samples[i - 1]
+        return v0 + (v1 - v0) * (t - t0) / (t1 - t0)
+
+    lo, hi = at(a), at(b)
+    if lo is None or hi is None or b <= a:
+        return None
+    return round((hi - lo) / ((b - a) * slots), 3)
 
 
 def _attribute(episodes: list[dict[str, Any]], faults: list[Fault],
@@ -516,6 +546,11 @@ def _attribute(episodes: list[dict[str, Any]], faults: list[Fault],
         paused = [f for f in faults if f.kind == REPLICA_PAUSED
                   and f.start <= e["start"] <= f.healed
                   and any(i.startswith(f"r{f.replica}.") for i in e["ids"])]
+        begun = [f for f in faults if f.start <= e["start"]]
+        if begun:
+            # The fault that came last before it: where to look for the cause.
+            row["after"] = f"{begun[-1].kind} ({begun[-1].target})"
+            row["since_fault_s"] = round(e["start"] - begun[-1].start, 3)
         if paused:
             row["pause_at_s"] = round(paused[0].start - origin, 3)
             documented.append(row)
@@ -525,7 +560,8 @@ def _attribute(episodes: list[dict[str, Any]], faults: list[Fault],
 
 
 def summarize(opts: Options, origin: float, faults: list[Fault], clients: Clients,
-              stats: dict[str, Any], busy: dict[str, float], events: list[dict[str, Any]],
+              stats: dict[str, Any], busy: list[tuple[float, float]],
+              events: list[dict[str, Any]],
               fleet: Fleet) -> dict[str, Any]:
     tries = clients.tries
     first, last = faults[0].start, faults[-1].healed
@@ -539,17 +575,28 @@ def summarize(opts: Options, origin: float, faults: list[Fault], clients: Client
     max_outside = max((e["peak"] for e in other), default=min(stats["max_concurrent"],
                                                               opts.slots))
     repeated = stats.get("runs_repeated", {})
-    capacity = opts.window * opts.slots
-
-    def use(a: str, b: str) -> float:
-        return round((busy[b] - busy[a]) / capacity, 3)
-
+    # How busy the slots were between each fault's healing and the next fault (from
+    # half a second after healing, so that the fault's own stall is not counted).
+    between: dict[str, list[float]] = {k: [] for k in KINDS}
+    for i, f in enumerate(faults):
+        end = faults[i + 1].start if i + 1 < len(faults) else f.healed + opts.window
+        share = busy_share(busy, f.healed + 0.5, end, opts.slots)
+        if share is not None:
+            between[f.kind].append(share)
     by_kind: dict[str, dict[str, Any]] = {}
     for kind in KINDS:
         mine = [f for f in faults if f.kind == kind]
         by_kind[kind] = {"count": len(mine),
                          "healed_after_s_max": round(max((f.healed - f.start for f in mine),
-                                                         default=0.0), 3)}
+                                                         default=0.0), 3),
+                         "slots_busy_after": (round(sum(between[kind]) / len(between[kind]),
+                                                    3) if between[kind] else None)}
+    seconds = math.ceil(last + opts.window - origin)
+    answered_per_s = [0] * seconds
+    for t in tries:
+        second = int(t.end - origin)
+        if t.outcome == ANSWERED and 0 <= second < seconds:
+            answered_per_s[second] += 1
     # Tries by the fault they ended during (or after, until the next fault began).
     outcome_by_kind: dict[str, Counter[str]] = {k: Counter() for k in KINDS}
     starts = [f.start for f in faults]
@@ -594,8 +641,13 @@ def summarize(opts: Options, origin: float, faults: list[Fault], clients: Client
         },
         "served": {"before_per_s": round(rate_before, 3), "after_per_s": round(rate_after, 3),
                    "ratio": goals["served_ratio"]["measured"],
-                   "slots_busy_before": use("before_start", "before_end"),
-                   "slots_busy_after": use("after_start", "after_end")},
+                   "slots_busy_before": busy_share(busy, first - opts.window, first,
+                                                   opts.slots),
+                   "slots_busy_after": busy_share(busy, last, last + opts.window,
+                                                  opts.slots)},
+        "timeline": {"answered_per_s": answered_per_s,
+                     "slots_busy_per_s": [busy_share(busy, origin + n, origin + n + 1,
+                                                     opts.slots) for n in range(seconds)]},
         "replica_exits": {str(r.index): r.exits for r in fleet.replicas if r.exits},
         "goals": goals,
         "met": all(g["met"] for g in goals.values()),
@@ -603,6 +655,10 @@ def summarize(opts: Options, origin: float, faults: list[Fault], clients: Client
 
 
 # -- the report --------------------------------------------------------------------------
+
+
+def _share(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
 
 
 def _verdict(met: bool) -> str:
@@ -615,17 +671,20 @@ def render(console: Console, result: dict[str, Any]) -> None:
                     f"{o['slots']} slots, {o['clients']} clients; one fault every "
                     f"{o['fault_every']:g} s for {o['duration']:g} s",
               box=box.SIMPLE_HEAD)
-    for col in ("fault", "times", "healed after (max s)", "answered", "refused",
-                "rerouted", "cut by death", "lost"):
+    for col in ("fault", "times", "healed in (max s)", "slots busy after",
+                "answered", "refused", "rerouted", "cut by death", "lost"):
         t.add_column(col, justify="left" if col == "fault" else "right")
     for kind, row in result["faults_by_kind"].items():
         c = result["tries_by_fault"][kind]
         t.add_row(kind, str(row["count"]), f"{row['healed_after_s_max']:.1f}",
+                  _share(row["slots_busy_after"]),
                   *(str(c.get(k, 0)) for k in (ANSWERED, REFUSED, REROUTED, CUT, LOST)))
     console.print(t)
-    console.print("[dim]tries counted under the last fault begun when they ended; refused: "
-                  "503 with Retry-After (sent again after it); rerouted: connection "
-                  "refused, sent to the next replica[/]")
+    console.print("[dim]tries counted under the last fault begun when they ended; slots "
+                  "busy after: the stand-in's busy share from half a second after each such "
+                  "fault healed to the next fault (mean); refused: 503 with Retry-After "
+                  "(sent again after it); rerouted: connection refused, sent to another "
+                  "replica[/]")
     g, b, s = result["goals"], result["backend"], result["served"]
     t = Table(title="Goals", box=box.SIMPLE_HEAD)
     for col in ("measure", "measured", "goal", "verdict"):
@@ -646,8 +705,13 @@ def render(console: Console, result: dict[str, Any]) -> None:
         f"{result['requests']} requests; at the backend: {b['max_in_flight']} at most at "
         f"once, {len(b['over_slots_other'])} stretch(es) over its slots outside a lease "
         f"pause, {len(b['over_slots_lease_pause'])} in a replica's pause past its lease; "
-        f"slots busy {s['slots_busy_before']:.0%} before the first fault, "
-        f"{s['slots_busy_after']:.0%} after the last", highlight=False)
+        f"slots busy {_share(s['slots_busy_before'])} before the first fault, "
+        f"{_share(s['slots_busy_after'])} after the last", highlight=False)
+    kinds = Counter(e.get("after", "?").split(" (")[0] for e in b["over_slots_other"])
+    if kinds:
+        console.print("over-slot stretches by the fault before them: "
+                      + ", ".join(f"{k}: {n}" for k, n in kinds.most_common()),
+                      highlight=False)
     if result["replica_exits"]:
         console.print(f"[yellow]replicas that exited on their own (restarted): "
                       f"{result['replica_exits']}[/]")
@@ -682,16 +746,20 @@ def markdown(result: dict[str, Any]) -> str:
         f"{'–' if ratio is None else f'{ratio:.2f}'} ({s['after_per_s']:.1f} / "
         f"{s['before_per_s']:.1f} per s) | ≥ 0.9 | {v(g['served_ratio']['met'])} |",
         "",
-        "| fault | times | answered | refused | rerouted | cut by death | lost |",
-        "|---|---|---|---|---|---|---|",
+        "| fault | times | slots busy after | answered | refused | rerouted | cut by death "
+        "| lost |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for kind, row in result["faults_by_kind"].items():
         c = result["tries_by_fault"][kind]
-        lines.append(f"| {kind} | {row['count']} | "
+        lines.append(f"| {kind} | {row['count']} | {_share(row['slots_busy_after'])} | "
                      + " | ".join(str(c.get(k, 0)) for k in (ANSWERED, REFUSED, REROUTED,
                                                              CUT, LOST)) + " |")
+    kinds = Counter(e.get("after", "?").split(" (")[0] for e in b["over_slots_other"])
     lines += ["", f"Over-slot stretches: {len(b['over_slots_other'])} outside a lease "
-              f"pause, {len(b['over_slots_lease_pause'])} during one. Slots busy "
-              f"{s['slots_busy_before']:.0%} before the first fault, "
-              f"{s['slots_busy_after']:.0%} after the last.", ""]
+              f"pause (by the fault before them: "
+              f"{', '.join(f'{k} {n}' for k, n in kinds.most_common()) or 'none'}), "
+              f"{len(b['over_slots_lease_pause'])} during one. Slots busy "
+              f"{_share(s['slots_busy_before'])} before the first fault, "
+              f"{_share(s['slots_busy_after'])} after the last.", ""]
     return "\n".join(lines)
