@@ -36,3 +36,14 @@ def test_only_a_stretch_begun_in_a_pause_with_the_paused_replicas_request_is_exc
 def test_a_pause_must_outlast_the_lease() -> None:
     with pytest.raises(ValueError, match="slot_lease"):
         chaos.Options(slot_lease=3.0, replica_pause=2.0)
+
+
+def test_busy_share_interpolates_between_samples() -> None:
+    # Two slots; busy slot-seconds sampled at t = 0, 1, 2: both busy, then one.
+    samples = [(0.0, 0.0), (1.0, 2.0), (2.0, 3.0)]
+    assert chaos.busy_share(samples, 0.0, 1.0, 2) == 1.0
+    assert chaos.busy_share(samples, 1.0, 2.0, 2) == 0.5
+    assert chaos.busy_share(samples, 0.5, 1.5, 2) == 0.75
+    assert chaos.busy_share(samples, 1.5, 2.5, 2) is None      # past the last sample
+    assert chaos.busy_share(samples, -0.5, 0.5, 2) is None     # before the first
+    assert chaos.busy_share(samples, 1.0, 1.0, 2) is None
