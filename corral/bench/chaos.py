@@ -199,6 +199,9 @@ class Replica:
     # Bumped at each kill: a try that saw another generation at its end was open when
     # its replica died.
     generation: int = 0
+    # From the kill until its successor is ready: a connection it accepted meanwhile
+    # (the kernel completes handshakes until the process is gone) is reset.
+    down: bool = False
     started: int = 0
     exits: list[int] = field(default_factory=list)   # unexpected exit statuses
 
@@ -263,9 +266,11 @@ class Fleet:
             if code is not None:
                 r.exits.append(code)
                 r.generation += 1
+                r.down = True
                 events.append({"at_s": round(time.time() - origin, 3),
                                "event": f"replica {r.index} exited on its own ({code})"})
                 await self.start_replica(r)
+                r.down = False
 
 
 # -- the clients -----------------------------------------------------------------------
@@ -287,6 +292,7 @@ class Clients:
         self.fleet = fleet
         self.opts = opts
         self.tries: list[Try] = []
+        self._opened: dict[int, Try] = {}    # the tries not ended yet, by id()
         self.requests = 0          # logical requests finished (answered or lost)
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -297,13 +303,20 @@ class Clients:
         self._tasks = [asyncio.ensure_future(self._client(i)) for i in range(self.opts.clients)]
 
     async def stop(self) -> None:
-        """No new requests; the open ones end (each within its deadline)."""
+        """No new requests; the open ones end (each within its deadline). A try still
+        open after that never got an answer: it is lost, not forgotten."""
         self._stopping = True
         try:
-            await asyncio.wait_for(asyncio.gather(*self._tasks),
-                                   self.opts.request_deadline + 10)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*self._tasks),
+                                       self.opts.request_deadline + 10)
         finally:
             self.cancel()
+            for t in self._opened.values():
+                t.end, t.outcome, t.detail = time.time(), LOST, "still open at the end"
+                self.tries.append(t)
+                self.requests += 1
+            self._opened.clear()
 
     def cancel(self) -> None:
         self._stopping = True
@@ -351,7 +364,20 @@ class Clients:
     async def _try(self, client: int, r: Replica, run_id: str,
                    conns: dict[int, tuple[load.Connection, int]]) -> Try:
         t = Try(client, r.index, run_id, time.time())
+        self._opened[id(t)] = t
+        try:
+            return await self._send(t, r, conns)
+        finally:
+            self._opened.pop(id(t), None)
+
+    async def _send(self, t: Try, r: Replica,
+                    conns: dict[int, tuple[load.Connection, int]]) -> Try:
+        run_id = t.run_id
         generation = r.generation
+        dying = r.down
+
+        def died() -> bool:
+            return dying or r.down or r.generation != generation
         held = conns.get(r.index)
         if held is not None and held[1] != generation:
             # Its replica was killed since: a load balancer's pool drops such
@@ -380,13 +406,13 @@ class Clients:
             conn.close()
             conns.pop(r.index, None)
             t.end = time.time()
-            t.outcome = CUT if r.generation != generation else LOST
+            t.outcome = CUT if died() else LOST
             t.detail = type(exc).__name__
             return t
         t.end = time.time()
         if resp.status == 200 and _complete(resp.body):
             t.outcome = ANSWERED
-        elif r.generation != generation:
+        elif died():
             t.outcome, t.detail = CUT, f"{resp.status} incomplete"
         elif resp.status == 503 and resp.retry_after is not None:
             t.outcome = REFUSED
@@ -444,9 +470,11 @@ async def inflict(fleet: Fleet, kind: str, count: int, opts: Options) -> Fault:
         else:
             # The generation first: a try that ends from now on was cut by this death.
             r.generation += 1
+            r.down = True
             proc.kill()
             await proc.wait()
             await fleet.start_replica(r)
+            r.down = False
     f.healed = time.time()
     return f
 
@@ -534,17 +562,20 @@ def busy_share(samples: list[tuple[float, float]], a: float, b: float, slots: in
     return round((hi - lo) / ((b - a) * slots), 3)
 
 
-def _attribute(episodes: list[dict[str, Any]], faults: list[Fault],
-               origin: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _attribute(episodes: list[dict[str, Any]], faults: list[Fault], origin: float,
+               lease: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Split the stand-in's over-slot stretches into the documented case (begun while
-    a replica was paused, holding a request sent through it) and the others."""
+    a replica was paused or within a lease after it resumed, holding a request sent
+    through it) and the others."""
     documented, other = [], []
     for e in episodes:
         row = {"at_s": round(e["start"] - origin, 3),
                "seconds": None if e["end"] is None else round(e["end"] - e["start"], 3),
                "peak": e["peak"], "ids": e["ids"]}
+        # Until a lease after SIGCONT: the resumed replica may still forward a request
+        # granted before the pause, under the lease that lapsed meanwhile.
         paused = [f for f in faults if f.kind == REPLICA_PAUSED
-                  and f.start <= e["start"] <= f.healed
+                  and f.start <= e["start"] <= f.healed + lease
                   and any(i.startswith(f"r{f.replica}.") for i in e["ids"])]
         begun = [f for f in faults if f.start <= e["start"]]
         if begun:
@@ -553,10 +584,21 @@ def _attribute(episodes: list[dict[str, Any]], faults: list[Fault],
             row["since_fault_s"] = round(e["start"] - begun[-1].start, 3)
         if paused:
             row["pause_at_s"] = round(paused[0].start - origin, 3)
+            row["after_resume_s"] = (round(e["start"] - paused[0].healed, 3)
+                                     if e["start"] > paused[0].healed else None)
             documented.append(row)
         else:
             other.append(row)
     return documented, other
+
+
+def _spread(values: list[float]) -> dict[str, float | None]:
+    return {"p50": _round(load.percentile(values, 50)), "p99": _round(load.percentile(values, 99)),
+            "max": _round(max(values, default=float("nan")))}
+
+
+def _round(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 3)
 
 
 def summarize(opts: Options, origin: float, faults: list[Fault], clients: Clients,
@@ -571,7 +613,8 @@ def summarize(opts: Options, origin: float, faults: list[Fault], clients: Client
     after = sum(1 for t in tries if t.outcome == ANSWERED and last <= t.end < last + opts.window)
     rate_before, rate_after = before / opts.window, after / opts.window
     ratio = rate_after / rate_before if rate_before else None
-    documented, other = _attribute(stats.get("over_slots", []), faults, origin)
+    documented, other = _attribute(stats.get("over_slots", []), faults, origin,
+                                   opts.slot_lease)
     max_outside = max((e["peak"] for e in other), default=min(stats["max_concurrent"],
                                                               opts.slots))
     repeated = stats.get("runs_repeated", {})
@@ -625,6 +668,15 @@ def summarize(opts: Options, origin: float, faults: list[Fault], clients: Client
         "requests": clients.requests,
         "tries": dict(outcomes),
         "tries_by_fault": {k: dict(v) for k, v in outcome_by_kind.items()},
+        "seconds_per_try": {
+            outcome: _spread([t.end - t.start for t in tries if t.outcome == outcome])
+            for outcome in (ANSWERED, REFUSED)},
+        # The longest waits: a request that waited long with the backend idle is
+        # capacity the replicas did not see come back.
+        "slowest": [{"at_s": round(t.start - origin, 3), "replica": t.replica,
+                     "run_id": t.run_id, "seconds": round(t.end - t.start, 3),
+                     "outcome": t.outcome}
+                    for t in sorted(tries, key=lambda t: t.start - t.end)[:10]],
         "lost": [{"at_s": round(t.start - origin, 3), "replica": t.replica,
                   "run_id": t.run_id, "seconds": round(t.end - t.start, 3),
                   "detail": t.detail} for t in lost],
@@ -707,6 +759,12 @@ def render(console: Console, result: dict[str, Any]) -> None:
         f"pause, {len(b['over_slots_lease_pause'])} in a replica's pause past its lease; "
         f"slots busy {_share(s['slots_busy_before'])} before the first fault, "
         f"{_share(s['slots_busy_after'])} after the last", highlight=False)
+    spread = result["seconds_per_try"][ANSWERED]
+    slowest = result["slowest"][0] if result["slowest"] else None
+    if slowest is not None:
+        console.print(f"seconds per answered try: p50 {spread['p50']}, p99 {spread['p99']}; "
+                      f"the longest try took {slowest['seconds']:.1f} s ({slowest['outcome']}, "
+                      f"begun at {slowest['at_s']:.0f} s)", highlight=False)
     kinds = Counter(e.get("after", "?").split(" (")[0] for e in b["over_slots_other"])
     if kinds:
         console.print("over-slot stretches by the fault before them: "
@@ -761,5 +819,11 @@ def markdown(result: dict[str, Any]) -> str:
               f"{', '.join(f'{k} {n}' for k, n in kinds.most_common()) or 'none'}), "
               f"{len(b['over_slots_lease_pause'])} during one. Slots busy "
               f"{_share(s['slots_busy_before'])} before the first fault, "
-              f"{_share(s['slots_busy_after'])} after the last.", ""]
+              f"{_share(s['slots_busy_after'])} after the last."]
+    if result["slowest"]:
+        slowest = result["slowest"][0]
+        spread = result["seconds_per_try"][ANSWERED]
+        lines += ["", f"Seconds per answered try: p50 {spread['p50']}, p99 {spread['p99']}; "
+                  f"the longest try took {slowest['seconds']:.1f} s ({slowest['outcome']})."]
+    lines.append("")
     return "\n".join(lines)

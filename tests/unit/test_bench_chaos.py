@@ -23,14 +23,17 @@ def test_only_a_stretch_begun_in_a_pause_with_the_paused_replicas_request_is_exc
     episodes = [
         {"start": 111.0, "end": 111.5, "peak": 3, "ids": ["r0.c1.4", "r1.c2.9"]},
         {"start": 112.0, "end": 112.1, "peak": 3, "ids": ["r0.c1.5", "r2.c2.9"]},
-        {"start": 113.5, "end": None, "peak": 4, "ids": ["r1.c1.6"]},
+        {"start": 113.5, "end": None, "peak": 4, "ids": ["r1.c1.6"]},   # within a lease
+        {"start": 114.5, "end": 114.6, "peak": 3, "ids": ["r1.c1.7"]},  # past it
         {"start": 116.0, "end": 116.2, "peak": 3, "ids": ["r2.c0.1"]},
     ]
-    documented, other = chaos._attribute(episodes, [pause, kill], 100.0)
-    assert [e["at_s"] for e in documented] == [11.0]
+    documented, other = chaos._attribute(episodes, [pause, kill], 100.0, 1.0)
+    assert [(e["at_s"], e["after_resume_s"]) for e in documented] == [(11.0, None),
+                                                                      (13.5, 0.5)]
     assert documented[0]["pause_at_s"] == 10.0
-    assert [(e["at_s"], e["seconds"]) for e in other] == [(12.0, 0.1), (13.5, None),
-                                                          (16.0, 0.2)]
+    assert [(e["at_s"], e["seconds"], e["after"]) for e in other] == [
+        (12.0, 0.1, "replica paused (replica 1)"), (14.5, 0.1, "replica paused (replica 1)"),
+        (16.0, 0.2, "replica killed (replica 2)")]
 
 
 def test_a_pause_must_outlast_the_lease() -> None:
