@@ -21,7 +21,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from corral.bench import failover, harness, overhead
+from corral.bench import chaos, failover, harness, overhead
 from corral.bench.overhead import fmt, verdict_cell
 
 _DEFAULTS = overhead.Options()
@@ -460,16 +460,22 @@ def replicas_command(requests: int, rounds: int, duration: float, concurrency: i
     _save(console, result, output or _dated_output("replicas"))
 
 
+_CHAOS = chaos.Options()
+
+
 @bench_command.command("chaos")
-@click.option("--duration", type=click.FloatRange(min=1), default=600.0, show_default=True,
-              help="Seconds from the first fault to the last.")
-@click.option("--fault-every", type=click.FloatRange(min=0.5), default=5.0, show_default=True,
+@click.option("--duration", type=click.FloatRange(min=1), default=_CHAOS.duration,
+              show_default=True, help="Seconds from the first fault to the last.")
+@click.option("--fault-every", type=click.FloatRange(min=0.5), default=_CHAOS.fault_every,
+              show_default=True,
               help="Seconds between two faults (a fault that takes longer delays the next).")
-@click.option("--clients", type=click.IntRange(min=1, max=1024), default=8, show_default=True,
-              help="Clients, each sending one streaming request after another, to each "
-                   "replica in turn.")
-@click.option("--replicas", type=click.IntRange(min=2, max=16), default=3, show_default=True)
-@click.option("--slots", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--clients", type=click.IntRange(min=1, max=1024), default=_CHAOS.clients,
+              show_default=True,
+              help="Clients, each sending one streaming request after another, each to a "
+                   "replica picked at random.")
+@click.option("--replicas", type=click.IntRange(min=2, max=16), default=_CHAOS.replicas,
+              show_default=True, help="Corral processes on the one redis-server.")
+@click.option("--slots", type=click.IntRange(min=1), default=_CHAOS.slots, show_default=True,
               help="The stand-in's slots, and max_concurrency in Corral.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="Where to write the JSON result (a markdown summary goes next to it) "
@@ -485,8 +491,6 @@ def chaos_command(duration: float, fault_every: float, clients: int, replicas: i
     answer nor a 503 with Retry-After, requests run twice, and the served rate after
     the last fault against before the first.
     """
-    from corral.bench import chaos
-
     console = Console(stderr=False)
     if console.width < 120:
         console = Console(stderr=False, width=120)
