@@ -80,13 +80,16 @@ REPLICA_PAUSED = "replica paused"
 REPLICA_KILLED = "replica killed"
 KINDS = (REDIS_RESTARTED, REDIS_PAUSED, REPLICA_PAUSED, REPLICA_KILLED)
 
+# Corral's queue.max_wait when the configuration leaves it out.
+DEFAULT_MAX_WAIT = 120.0
+
 ANSWERED, REFUSED, REROUTED, CUT, LOST = (
     "answered", "refused", "rerouted", "cut by a replica's death", "lost")
 
 
 @dataclass(frozen=True)
 class Options:
-    duration: float = 600.0       # seconds from the first fault to the last
+    duration: float = 600.0       # seconds of faults (rounded up to whole rounds)
     fault_every: float = 5.0
     clients: int = 8
     replicas: int = 3
@@ -479,6 +482,15 @@ async def inflict(fleet: Fleet, kind: str, count: int, opts: Options) -> Fault:
     return f
 
 
+def fault_count(opts: Options) -> int:
+    """Faults in the run: one every ``fault_every`` over ``duration``, rounded up to
+    whole rounds of the four kinds, so that each comes as often as the others and the
+    last one is always a replica killed (the served rate after it is measured after
+    the same fault from one run to the next)."""
+    wanted = math.floor(opts.duration / opts.fault_every) + 1
+    return math.ceil(wanted / len(KINDS)) * len(KINDS)
+
+
 async def _until(at: float) -> None:
     await asyncio.sleep(max(0.0, at - time.time()))
 
@@ -518,7 +530,7 @@ async def run(opts: Options, workdir: Path, progress: Progress) -> dict[str, Any
             progress(f"{opts.clients} clients: {opts.warmup:g} s warm-up, then "
                      f"{opts.window:g} s before the first fault")
             first = origin + opts.warmup + opts.window
-            count = max(len(KINDS), math.floor(opts.duration / opts.fault_every) + 1)
+            count = fault_count(opts)
             per_kind: Counter[str] = Counter()
             for i in range(count):
                 await _until(first + i * opts.fault_every)
@@ -671,6 +683,12 @@ def summarize(opts: Options, origin: float, faults: list[Fault], clients: Client
         "seconds_per_try": {
             outcome: _spread([t.end - t.start for t in tries if t.outcome == outcome])
             for outcome in (ANSWERED, REFUSED)},
+        # Refused only after waiting the whole queue.max_wait: the answer is proper, but
+        # a request that waited that long while others were served is a waiter that
+        # no freed slot ever woke.
+        "refused_after_max_wait": sum(
+            1 for t in tries if t.outcome == REFUSED
+            and t.end - t.start >= (opts.max_wait or DEFAULT_MAX_WAIT) - 0.5),
         # The longest waits: a request that waited long with the backend idle is
         # capacity the replicas did not see come back.
         "slowest": [{"at_s": round(t.start - origin, 3), "replica": t.replica,
@@ -759,6 +777,9 @@ def render(console: Console, result: dict[str, Any]) -> None:
         f"pause, {len(b['over_slots_lease_pause'])} in a replica's pause past its lease; "
         f"slots busy {_share(s['slots_busy_before'])} before the first fault, "
         f"{_share(s['slots_busy_after'])} after the last", highlight=False)
+    if result["refused_after_max_wait"]:
+        console.print(f"[yellow]{result['refused_after_max_wait']} request(s) refused only "
+                      "after waiting the whole queue.max_wait[/]")
     spread = result["seconds_per_try"][ANSWERED]
     slowest = result["slowest"][0] if result["slowest"] else None
     if slowest is not None:
@@ -824,6 +845,8 @@ def markdown(result: dict[str, Any]) -> str:
         slowest = result["slowest"][0]
         spread = result["seconds_per_try"][ANSWERED]
         lines += ["", f"Seconds per answered try: p50 {spread['p50']}, p99 {spread['p99']}; "
-                  f"the longest try took {slowest['seconds']:.1f} s ({slowest['outcome']})."]
+                  f"the longest try took {slowest['seconds']:.1f} s ({slowest['outcome']}); "
+                  f"{result['refused_after_max_wait']} request(s) refused only after "
+                  "waiting the whole queue.max_wait."]
     lines.append("")
     return "\n".join(lines)

@@ -465,7 +465,8 @@ _CHAOS = chaos.Options()
 
 @bench_command.command("chaos")
 @click.option("--duration", type=click.FloatRange(min=1), default=_CHAOS.duration,
-              show_default=True, help="Seconds from the first fault to the last.")
+              show_default=True,
+              help="Seconds of faults, rounded up to whole rounds of the four kinds.")
 @click.option("--fault-every", type=click.FloatRange(min=0.5), default=_CHAOS.fault_every,
               show_default=True,
               help="Seconds between two faults (a fault that takes longer delays the next).")

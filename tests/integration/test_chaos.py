@@ -18,7 +18,7 @@ from corral.bench import chaos
 @pytest.mark.timeout(300)
 async def test_a_short_chaos_run_loses_nothing_runs_nothing_twice_and_keeps_the_cap(
         tmp_path: Path) -> None:
-    opts = chaos.Options(duration=20.0, fault_every=5.0, clients=8, warmup=2.0, window=4.0,
+    opts = chaos.Options(duration=15.0, fault_every=5.0, clients=8, warmup=2.0, window=4.0,
                          # A stuck request ends as a 503 within the test, not after
                          # Corral's default two minutes.
                          max_wait=20.0, request_deadline=30.0)

@@ -50,3 +50,10 @@ def test_busy_share_interpolates_between_samples() -> None:
     assert chaos.busy_share(samples, 1.5, 2.5, 2) is None      # past the last sample
     assert chaos.busy_share(samples, -0.5, 0.5, 2) is None     # before the first
     assert chaos.busy_share(samples, 1.0, 1.0, 2) is None
+
+
+def test_faults_come_in_whole_rounds_ending_with_a_replica_killed() -> None:
+    assert chaos.fault_count(chaos.Options(duration=15.0, fault_every=5.0)) == 4
+    assert chaos.fault_count(chaos.Options(duration=20.0, fault_every=5.0)) == 8
+    assert chaos.fault_count(chaos.Options(duration=600.0, fault_every=5.0)) == 124
+    assert chaos.KINDS[-1] == chaos.REPLICA_KILLED
