@@ -368,13 +368,14 @@ class Clients:
                    conns: dict[int, tuple[load.Connection, int]]) -> Try:
         t = Try(client, r.index, run_id, time.time())
         self._opened[id(t)] = t
-        try:
-            return await self._send(t, r, conns)
-        finally:
-            self._opened.pop(id(t), None)
+        # Not popped when cancelled: stop() cancels the tries still open at its
+        # deadline, and counts them.
+        await self._send(t, r, conns)
+        del self._opened[id(t)]
+        return t
 
     async def _send(self, t: Try, r: Replica,
-                    conns: dict[int, tuple[load.Connection, int]]) -> Try:
+                    conns: dict[int, tuple[load.Connection, int]]) -> None:
         run_id = t.run_id
         generation = r.generation
         dying = r.down
@@ -394,7 +395,7 @@ class Clients:
             except (OSError, TimeoutError) as exc:
                 conn.close()
                 t.end, t.outcome, t.detail = time.time(), REROUTED, type(exc).__name__
-                return t
+                return
             held = conns[r.index] = (conn, generation)
         conn = held[0]
         request = load.encode_request("127.0.0.1", r.port, "POST", "/api/generate",
@@ -411,7 +412,7 @@ class Clients:
             t.end = time.time()
             t.outcome = CUT if died() else LOST
             t.detail = type(exc).__name__
-            return t
+            return
         t.end = time.time()
         if resp.status == 200 and _complete(resp.body):
             t.outcome = ANSWERED
@@ -427,7 +428,6 @@ class Clients:
             t.outcome = LOST
             t.detail = (f"{resp.status} {resp.body[:160].decode(errors='replace')}"
                         if resp.status != 200 else "200 incomplete")
-        return t
 
 
 # -- the stand-in ------------------------------------------------------------------------
