@@ -96,10 +96,11 @@ class Options:
     slots: int = 2
     num_predict: int = 10
     tps: float = 50.0             # 10 tokens at 50 tokens/s: 0.2 s a request
-    # The smallest lease Corral accepts, so that a pause past it takes seconds.
-    slot_lease: float = 1.0
+    # The smallest lease Corral accepts (three renewals of one second), so that a
+    # pause past it takes seconds.
+    slot_lease: float = 3.0
     redis_pause: float = 2.5      # the slot store's socket timeout is 1 s
-    replica_pause: float = 3.0    # past the lease
+    replica_pause: float = 5.0    # past the lease
     window: float = 8.0
     warmup: float = 3.0
     # Longer than Corral's default queue.max_wait (120 s): a request that waits that
