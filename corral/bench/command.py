@@ -21,7 +21,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from corral.bench import failover, harness, overhead
+from corral.bench import chaos, failover, harness, overhead
 from corral.bench.overhead import fmt, verdict_cell
 
 _DEFAULTS = overhead.Options()
@@ -458,3 +458,49 @@ def replicas_command(requests: int, rounds: int, duration: float, concurrency: i
                       lambda tmp, progress: replicas.run(opts, tmp, progress))
     replicas.render(console, result)
     _save(console, result, output or _dated_output("replicas"))
+
+
+_CHAOS = chaos.Options()
+
+
+@bench_command.command("chaos")
+@click.option("--duration", type=click.FloatRange(min=1), default=_CHAOS.duration,
+              show_default=True,
+              help="Seconds of faults, rounded up to whole rounds of the four kinds.")
+@click.option("--fault-every", type=click.FloatRange(min=0.5), default=_CHAOS.fault_every,
+              show_default=True,
+              help="Seconds between two faults (a fault that takes longer delays the next).")
+@click.option("--clients", type=click.IntRange(min=1, max=1024), default=_CHAOS.clients,
+              show_default=True,
+              help="Clients, each sending one streaming request after another, each to a "
+                   "replica picked at random.")
+@click.option("--replicas", type=click.IntRange(min=2, max=16), default=_CHAOS.replicas,
+              show_default=True, help="Corral processes on the one redis-server.")
+@click.option("--slots", type=click.IntRange(min=1), default=_CHAOS.slots, show_default=True,
+              help="The stand-in's slots, and max_concurrency in Corral.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Where to write the JSON result (a markdown summary goes next to it) "
+                   "[default: benchmarks/results/chaos-<date>.json].")
+def chaos_command(duration: float, fault_every: float, clients: int, replicas: int,
+                  slots: int, output: Path | None) -> None:
+    """Replicas on one Redis under steady load, one fault every few seconds.
+
+    Faults in turn: Redis killed and started again at once (its data lost), Redis
+    paused past the slot store's socket timeout, a replica paused past its slot lease,
+    a replica killed and restarted. Measured: the most requests at the backend at once
+    (a replica paused past its lease counted apart), requests that got neither an
+    answer nor a 503 with Retry-After, requests run twice, and the served rate after
+    the last fault against before the first.
+    """
+    console = Console(stderr=False)
+    if console.width < 120:
+        console = Console(stderr=False, width=120)
+    opts = chaos.Options(duration=duration, fault_every=fault_every, clients=clients,
+                         replicas=replicas, slots=slots)
+    result = _execute(console, "chaos", lambda tmp, progress: chaos.run(opts, tmp, progress))
+    chaos.render(console, result)
+    path = output or _dated_output("chaos")
+    _save(console, result, path)
+    summary = path.with_suffix(".md")
+    summary.write_text(chaos.markdown(result))
+    console.print(f"summary written to {summary}")

@@ -38,6 +38,8 @@ class Response:
     # the caller must open a new connection before its next request.
     keep_alive: bool
     body: bytes = b""
+    # The Retry-After header's value, when the answer had one (a 503 that says when).
+    retry_after: bytes | None = None
 
 
 def encode_request(
@@ -92,6 +94,7 @@ async def read_response(
     keep_alive = head[7:8] == b"1"  # HTTP/1.1 defaults to keep-alive, 1.0 does not
     length = -1
     chunked = False
+    retry_after = None
     for line in head.split(b"\r\n")[1:]:
         name, sep, value = line.partition(b":")
         if not sep:
@@ -107,6 +110,8 @@ async def read_response(
                 keep_alive = False
             elif v == b"keep-alive":
                 keep_alive = True
+        elif lname == b"retry-after":
+            retry_after = value.strip()
     parts: list[bytes] = []
     total = 0
 
@@ -145,7 +150,8 @@ async def read_response(
         keep_alive = False
         while data := await reader.read(65536):
             take(data)
-    return Response(status, total, keep_alive, b"".join(parts) if collect else b"")
+    return Response(status, total, keep_alive, b"".join(parts) if collect else b"",
+                    retry_after)
 
 
 class Connection:

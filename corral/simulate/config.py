@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FAULT_MODES = ("none", "oom", "hang", "drop", "refuse")
+# A client's id for one request, counted per id by the stand-in (``runs_repeated`` in
+# /_sim/stats): a gateway passes client headers on, so an id that arrives twice is a
+# request the gateway ran twice.
+RUN_ID_HEADER = "X-Sim-Run-Id"
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,28 @@ class Busy(Exception):
     """The pending queue is full: Ollama answers 503."""
 
 
+# Episodes kept at most: a gateway that over-grants all the time needs no longer list
+# to show it, and a stand-in left running must not grow without bound.
+MAX_EPISODES = 1000
+
+
+@dataclass
+class OverSlots:
+    """A stretch of time during which more inference requests were open at once than
+    the stand-in has slots: what a gateway that over-granted them would cause. The
+    extra ones wait for a slot here, as at Ollama; ``ids`` are the run ids (the
+    ``X-Sim-Run-Id`` header) of the requests open at the peak, so that a harness can
+    tell whose they were."""
+
+    start: float  # wall-clock seconds (time.time()), comparable across processes
+    peak: int
+    ids: list[str]
+    end: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "end": self.end, "peak": self.peak, "ids": self.ids}
+
+
 @dataclass
 class Stats:
     in_flight: int = 0  # inference requests holding a slot
@@ -44,6 +66,12 @@ class Stats:
     # that the figure at any instant costs O(1): closed + in_flight × now − Σ starts.
     busy_closed: float = 0.0
     busy_starts: float = 0.0
+    # Runs per run id (the X-Sim-Run-Id header; requests without it are not counted):
+    # an id seen twice is a request the gateway sent twice.
+    runs: dict[str, int] = field(default_factory=dict)
+    open_ids: dict[str, int] = field(default_factory=dict)
+    over_slots: list[OverSlots] = field(default_factory=list)
+    over_slots_dropped: int = 0  # episodes beyond MAX_EPISODES, counted only
 
     def busy_seconds(self, now: float | None = None) -> float:
         t = time.monotonic() if now is None else now
@@ -60,6 +88,10 @@ class Stats:
         # later subtracts its true start from both terms, which cancels out.)
         self.busy_closed = 0.0
         self.busy_starts = self.in_flight * time.monotonic()
+        # Ids still open stay open (their close must find them); the record restarts.
+        self.runs = {}
+        self.over_slots = []
+        self.over_slots_dropped = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -76,7 +108,42 @@ class Stats:
             "evictions": self.evictions,
             "unloads": self.unloads,
             "busy_seconds": round(self.busy_seconds(), 6),
+            "run_ids": len(self.runs),
+            "runs_repeated": {k: n for k, n in self.runs.items() if n > 1},
+            "over_slots": [e.as_dict() for e in self.over_slots],
+            "over_slots_dropped": self.over_slots_dropped,
         }
+
+    def opened(self, run_id: str | None, slots: int) -> None:
+        """A request arrived (``waiting`` already counts it)."""
+        if run_id is not None:
+            self.runs[run_id] = self.runs.get(run_id, 0) + 1
+            self.open_ids[run_id] = self.open_ids.get(run_id, 0) + 1
+        open_now = self.waiting + self.in_flight
+        if open_now > self.max_concurrent:
+            self.max_concurrent = open_now
+        if open_now <= slots:
+            return
+        episode = self.over_slots[-1] if self.over_slots else None
+        if episode is not None and episode.end is None:
+            if open_now > episode.peak:
+                episode.peak = open_now
+                episode.ids = sorted(self.open_ids)
+        elif len(self.over_slots) < MAX_EPISODES:
+            self.over_slots.append(OverSlots(time.time(), open_now, sorted(self.open_ids)))
+        else:
+            self.over_slots_dropped += 1
+
+    def closed(self, run_id: str | None, slots: int) -> None:
+        """A request ended (``waiting`` or ``in_flight`` already dropped it)."""
+        if run_id is not None:
+            left = self.open_ids.pop(run_id, 0) - 1
+            if left > 0:
+                self.open_ids[run_id] = left
+        episode = self.over_slots[-1] if self.over_slots else None
+        if (episode is not None and episode.end is None
+                and self.waiting + self.in_flight <= slots):
+            episode.end = time.time()
 
 
 class Runner:
@@ -348,19 +415,18 @@ class SimEngine:
 class Ticket:
     """One inference request's passage through the scheduler, kept in the stats."""
 
-    __slots__ = ("_engine", "_has_slot", "_open", "_slot_since", "runner")
+    __slots__ = ("_engine", "_has_slot", "_open", "_slot_since", "run_id", "runner")
 
-    def __init__(self, engine: SimEngine) -> None:
+    def __init__(self, engine: SimEngine, run_id: str | None = None) -> None:
         self._engine = engine
         self.runner: Runner | None = None
+        self.run_id = run_id
         self._has_slot = False
         self._slot_since = 0.0
         self._open = True
         s = engine.stats
         s.waiting += 1
-        open_now = s.waiting + s.in_flight
-        if open_now > s.max_concurrent:
-            s.max_concurrent = open_now
+        s.opened(run_id, engine.cfg.parallel)
 
     async def load(self, info: ModelInfo, keep_alive: float | None, num_ctx: int) -> None:
         self.runner = await self._engine.lease(info, keep_alive, num_ctx)
@@ -392,6 +458,7 @@ class Ticket:
             self.runner.slots.release()
         else:
             s.waiting -= 1
+        s.closed(self.run_id, self._engine.cfg.parallel)
         if self.runner is not None:
             self._engine.unref(self.runner)
             self.runner = None

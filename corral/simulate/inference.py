@@ -13,6 +13,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from corral.simulate.config import RUN_ID_HEADER
 from corral.simulate.engine import Busy, SimEngine, Ticket
 from corral.simulate.faults import OOM_MESSAGE, cut, hang_forever
 from corral.simulate.models import ModelInfo
@@ -99,7 +100,7 @@ async def drive(
 ) -> web.StreamResponse:
     """Run a generation and answer it; raises ApiError while nothing has been sent."""
     fault = check_fault(engine)
-    ticket = Ticket(engine)
+    ticket = Ticket(engine, request.headers.get(RUN_ID_HEADER))
     outcome: str | None = None
     resp: web.StreamResponse | None = None
     try:

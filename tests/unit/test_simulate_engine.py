@@ -287,6 +287,31 @@ async def test_ticket_gauges_and_slot_cap() -> None:
     await engine.close()
 
 
+async def test_run_ids_are_counted_and_more_open_than_slots_is_an_episode() -> None:
+    engine = _engine(parallel=2)
+    s = engine.stats
+    first, second = Ticket(engine, "r0.1"), Ticket(engine, "r1.1")
+    assert s.over_slots == []                       # two open on two slots: fine
+    third = Ticket(engine, "r1.1")                  # the same id again, and a third open
+    fourth = Ticket(engine)                         # no id: counted open, not by id
+    episode = s.over_slots[0]
+    assert (episode.peak, episode.ids, episode.end) == (4, ["r0.1", "r1.1"], None)
+    third.close("completed")
+    assert episode.end is None                      # still three open
+    fourth.close("completed")
+    assert episode.end is not None and episode.end >= episode.start
+    first.close("completed")
+    Ticket(engine, "r2.1").close("completed")
+    second.close("completed")
+    assert len(s.over_slots) == 1 and s.open_ids == {}
+    body = s.as_dict()
+    assert body["runs_repeated"] == {"r1.1": 2} and body["run_ids"] == 3
+    assert body["over_slots"][0]["peak"] == 4
+    s.reset()
+    assert s.as_dict()["run_ids"] == 0 and s.over_slots == []
+    await engine.close()
+
+
 def test_config_rejects_unknown_fault() -> None:
     with pytest.raises(ValueError, match="fault"):
         SimConfig(fault="explode")
