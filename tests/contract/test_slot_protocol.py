@@ -1,0 +1,587 @@
+"""A model-based test of the shared slot protocol (``protocol.py``, invariants I1-I5),
+run against the memory store and against a real Redis through ``slots.lua``.
+
+Several replicas, each modelled here as simply as replica.py behaves towards the
+store (its handle, the requests it runs with their leases, the jobs it has queued,
+whether it is paused, crashed or running alone during an outage), share one store.
+Hypothesis drives them through acquire, release, renew (the clock moving on), a
+leader's grant, cancel, a pause past the lease, a crash, a restart of the store
+without its data, an outage of the store and the duplicated delivery of an
+operation. The ground truth is what runs at each backend; the invariants are
+checked against it after every step.
+
+``CORRAL_MODEL_STEPS`` sets the steps per example (the number of examples is fixed):
+the suite's default runs at least 10,000 steps per store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from redis.asyncio import Redis
+
+from corral.scheduler.shared.protocol import SlotState, outage_limit
+from corral.scheduler.shared.redis import RedisSlotStore
+from corral.scheduler.shared.store import EpochChanged, MemorySlotStore
+from tests.contract.limit_store_support import FakeClock
+
+T = TypeVar("T")
+
+TTL = 3_000            # a lease (the smallest slot_lease allowed)
+GRACE = 3_000          # the stores' default grace period: one lease
+RENEW = 1_000          # a replica's renewal interval
+BACKENDS = {"a": 2, "b": 1}
+STEPS = int(os.environ.get("CORRAL_MODEL_STEPS", "100"))
+EXAMPLES = int(os.environ.get("CORRAL_MODEL_EXAMPLES", "100"))
+
+
+class Unreachable(Exception):
+    """The store is away: the replica's call fails (as SlotStoreError would)."""
+
+
+class _RepeatableOps:
+    """A handle whose next operation id can be the previous one again: the same
+    release, cancel or charges delivered twice (a client library's retry after a
+    lost answer)."""
+
+    repeat: str | None = None
+    last_op: str = ""
+
+    def _fresh_op(self) -> str:
+        raise NotImplementedError
+
+    def _op(self) -> str:
+        if self.repeat is not None:
+            return self.repeat
+        self.last_op = self._fresh_op()
+        return self.last_op
+
+
+class MemoryHandle(_RepeatableOps, MemorySlotStore):
+    def _fresh_op(self) -> str:
+        return MemorySlotStore._op(self)
+
+
+class RedisHandle(_RepeatableOps, RedisSlotStore):
+    def _fresh_op(self) -> str:
+        return RedisSlotStore._op(self)
+
+
+Handle = MemoryHandle | RedisHandle
+
+
+@dataclass
+class Replica:
+    name: str
+    store: Handle
+    running: dict[str, str] = field(default_factory=dict)     # lease -> backend
+    waiting: dict[str, bytes] = field(default_factory=dict)   # job id -> descriptor
+    unreleased: list[tuple[str, str, str]] = field(default_factory=list)
+    seen_used: dict[str, int] = field(default_factory=dict)   # last use the store told
+    members: list[str] = field(default_factory=list)          # as the store listed them
+    listed_ticks: int = 0
+    local: dict[str, int] | None = None                       # limits while alone
+    paused: bool = False
+    crashed: bool = False
+    crashed_at: int = 0
+    last_seen: int = 0                                        # its last heartbeat
+    seq: int = 0
+
+    @property
+    def active(self) -> bool:
+        return not self.paused and not self.crashed
+
+
+class SlotProtocol(RuleBasedStateMachine):
+    """Built by :func:`machine` for one store kind."""
+
+    url: str = "memory"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.clock = FakeClock()
+        self.prefix = f"m{uuid.uuid4().hex[:10]}:"
+        self.state = SlotState()
+        self.client: Redis | None = None
+        if self.url != "memory":
+            self.client = Redis.from_url(self.url, socket_timeout=5)
+        self.replicas: list[Replica] = []
+        self.down = False                        # the store is unreachable
+        self.overdrawn: set[str] = set()         # leases that lapsed in a pause
+        self.charged: dict[str, float] = {}      # charged once per run, not taken yet
+        self.grants = 0
+        self.orphans: list[str] = []             # waiting jobs of replicas gone
+        for _ in range(3):
+            self._start()
+        # They have run together for a while: each lists the others and itself.
+        self.advance(2 * RENEW)
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def run(self, coro: Awaitable[T]) -> T:
+        async def wrapped() -> T:
+            return await coro
+        return self.loop.run_until_complete(wrapped())
+
+    def _handle(self) -> Handle:
+        if self.client is None:
+            return MemoryHandle(self.clock, state=self.state, grace_ms=GRACE)
+        return RedisHandle(self.client, prefix=self.prefix, clock=self.clock,
+                           grace_ms=GRACE)
+
+    def _start(self) -> Replica:
+        r = Replica(f"r{len(self.replicas)}", self._handle())
+        self.replicas.append(r)
+        if not self.down:
+            self._tick(r)
+        else:
+            r.local = {b: 0 for b in BACKENDS}   # not listed: takes no free slot
+        return r
+
+    def call(self, r: Replica, op: Callable[[], Awaitable[T]]) -> T:
+        """One operation as replica.py makes it: refused on a new epoch, the replica
+        records what runs and queues again what waits, then asks again."""
+        if self.down:
+            raise Unreachable
+        for _ in range(3):
+            try:
+                return self.run(op())
+            except EpochChanged as changed:
+                self._rejoin(r, changed.epoch)
+        raise AssertionError("the epoch kept changing")
+
+    def _rejoin(self, r: Replica, epoch: str) -> None:
+        running = sorted((b, lease) for lease, b in r.running.items())
+        self.run(r.store.adopt(running, TTL, epoch=epoch))
+        for job_id, descriptor in r.waiting.items():
+            r.seq += 1
+            self.run(r.store.acquire([], f"{job_id}.{r.seq}", TTL, job_id, descriptor))
+
+    def _tick(self, r: Replica) -> None:
+        """What replica.py's keep-alive loop does once a renewal interval."""
+        epoch = self.run(r.store.heartbeat(r.name, b"{}", TTL))
+        r.last_seen = self.clock()
+        if epoch.name != r.store.epoch:
+            self._rejoin(r, epoch.name)
+        if r.local is not None:
+            self._store_back(r)
+        held = sorted((b, lease) for lease, b in r.running.items())
+        if held:
+            lost = self.call(r, lambda: r.store.renew(held, TTL))
+            for i in lost:
+                # Lapsed although this replica renewed in time: only a pause does that.
+                assert held[i][1] in self.overdrawn, (
+                    f"{r.name} lost the lease of {held[i]} without a pause")
+        counts, _ = self.call(r, lambda: r.store.counts(list(BACKENDS)))
+        r.seen_used = dict(zip(BACKENDS, counts, strict=True))
+        members = self._alive()
+        r.listed_ticks = r.listed_ticks + 1 if r.name in r.members else 0
+        r.members = members
+
+    def _epoch(self) -> str | None:
+        """The store's epoch now (read without creating one)."""
+        if self.client is None:
+            return self.state.epoch
+        raw = self.run(self.client.hget(self.prefix + "epoch", "name"))
+        return raw.decode() if isinstance(raw, bytes) else None
+
+    def _drop_orphans(self, r: Replica) -> None:
+        """The leader's resync drops the waiting jobs of replicas gone."""
+        orphans, self.orphans = self.orphans, []
+        for job_id in orphans:
+            self.call(r, lambda j=job_id: r.store.cancel(j))  # type: ignore[misc]
+
+    def _alive(self) -> list[str]:
+        """The replicas the store lists: those whose heartbeat has not lapsed (taken
+        from the model, as Redis expires replica keys on its own clock)."""
+        now = self.clock()
+        return sorted(r.name for r in self.replicas if r.last_seen + TTL > now)
+
+    def _store_back(self, r: Replica) -> None:
+        """replica.py's return from an outage: what runs is recorded, then the
+        releases the store did not confirm go again."""
+        running = sorted((b, lease) for lease, b in r.running.items())
+        self.call(r, lambda: r.store.adopt(running, TTL))
+        r.local = None
+        pending, r.unreleased = r.unreleased, []
+        for backend, lease, job_id in pending:
+            self.call(r, lambda b=backend, x=lease, j=job_id:  # type: ignore[misc]
+                      r.store.release(b, x, j))
+
+    def advance(self, ms: int) -> None:
+        """Time passes: every replica that runs (not paused, not crashed) ticks once
+        a renewal interval."""
+        while ms > 0:
+            step = min(ms, RENEW)
+            self.clock.advance(step)
+            ms -= step
+            if not self.down:
+                for r in self.replicas:
+                    if r.active:
+                        self._tick(r)
+
+    def _snapshot(self, r: Replica) -> tuple[Any, ...]:
+        counts = self.run(r.store.counts(list(BACKENDS)))
+        waiting = self.run(r.store.waiting())
+        return counts, sorted(waiting.items())
+
+    def twice(self, r: Replica, op: Callable[[], Awaitable[T]], first: T) -> None:
+        """The same operation delivered again: the same answer, and nothing changes."""
+        before = self._snapshot(r)
+        again = self.call(r, op)
+        assert again == first, f"a repeat answered {again!r}, the first {first!r}"
+        assert self._snapshot(r) == before, "a repeated operation changed the store"
+
+    # -- rules ----------------------------------------------------------------------
+
+    def _pick(self, data: st.DataObject, **flags: bool) -> Replica | None:
+        pool = [r for r in self.replicas if r.active
+                and all(getattr(r, k) == v for k, v in flags.items())]
+        return data.draw(st.sampled_from(pool)) if pool else None
+
+    @rule(data=st.data(), order=st.permutations(sorted(BACKENDS)),
+          how_many=st.integers(1, 2), queue=st.booleans(), dup=st.booleans())
+    def acquire(self, data: st.DataObject, order: list[str], how_many: int, queue: bool,
+                dup: bool) -> None:
+        r = self._pick(data)
+        if r is None:
+            return
+        r.seq += 1
+        job_id, lease = f"{r.name}.{r.seq}", f"{r.name}.{r.seq}.1"
+        backends = [(b, BACKENDS[b]) for b in order[:how_many]]
+        if self.down or r.local is not None:
+            self._acquire_alone(r, backends, lease)
+            return
+        descriptor = f'{{"job": "{job_id}"}}'.encode() if queue else None
+        client = f"c{r.seq % 2}"
+
+        def op() -> Awaitable[Any]:
+            return r.store.acquire(backends, lease, TTL, job_id, descriptor, client, 1.0)
+
+        taken = self.call(r, op)
+        if taken.index is not None:
+            backend = backends[taken.index][0]
+            r.running[lease] = backend
+            r.seen_used[backend] = taken.used
+            self.charged[client] = self.charged.get(client, 0.0) + 1.0
+        elif descriptor is not None:
+            r.waiting[job_id] = descriptor
+        if dup:
+            self.twice(r, op, taken)
+
+    def _acquire_alone(self, r: Replica, backends: list[tuple[str, int]],
+                       lease: str) -> None:
+        assert r.local is not None
+        for backend, _ in backends:
+            here = sum(1 for b in r.running.values() if b == backend)
+            if here < r.local[backend]:
+                r.running[lease] = backend
+                return
+
+    @rule(data=st.data(), dup=st.booleans())
+    def release(self, data: st.DataObject, dup: bool) -> None:
+        r = self._pick(data)
+        if r is None or not r.running:
+            return
+        lease = data.draw(st.sampled_from(sorted(r.running)))
+        backend = r.running.pop(lease)
+        self.overdrawn.discard(lease)
+        job_id = lease.rpartition(".")[0]
+        if self.down or r.local is not None:
+            r.unreleased.append((backend, lease, job_id))
+            return
+        done = self.call(r, lambda: r.store.release(backend, lease, job_id))
+        if dup:
+            r.store.repeat = r.store.last_op
+            try:
+                self.twice(r, lambda: r.store.release(backend, lease, job_id), done)
+            finally:
+                r.store.repeat = None
+
+    @rule(data=st.data(), backend=st.sampled_from(sorted(BACKENDS)), dup=st.booleans())
+    def grant(self, data: st.DataObject, backend: str, dup: bool) -> None:
+        """The leader (any replica that reaches the store) gives a waiting job of a
+        running replica a slot; the job then runs there."""
+        if self.down:
+            return
+        leader = self._pick(data)
+        owners = [r for r in self.replicas if r.active and r.local is None and r.waiting]
+        if leader is None or leader.local is not None or not owners:
+            return
+        owner = data.draw(st.sampled_from(owners))
+        job_id = data.draw(st.sampled_from(sorted(owner.waiting)))
+        self.grants += 1
+        lease = f"g{self.grants}.{job_id}"
+
+        def op() -> Awaitable[tuple[int, int]]:
+            return leader.store.grant(job_id, backend, BACKENDS[backend], lease, TTL,
+                                      owner.name)
+
+        answer = self.call(leader, op)
+        if owner.store.epoch == self._epoch():
+            assert answer[0] != 0, f"{job_id} waits but the store did not know it"
+        if answer[0] == 1:
+            del owner.waiting[job_id]
+            owner.running[lease] = backend
+        if dup:
+            self.twice(leader, op, answer)
+
+    @rule(data=st.data(), dup=st.booleans())
+    def cancel(self, data: st.DataObject, dup: bool) -> None:
+        r = self._pick(data)
+        if r is None or not r.waiting or self.down or r.local is not None:
+            return
+        job_id = data.draw(st.sampled_from(sorted(r.waiting)))
+        left = self.call(r, lambda: r.store.cancel(job_id))
+        assert left.state == "left", f"{job_id} waited, yet cancel says {left}"
+        del r.waiting[job_id]
+        if dup:
+            r.store.repeat = r.store.last_op
+            try:
+                self.twice(r, lambda: r.store.cancel(job_id), left)
+            finally:
+                r.store.repeat = None
+
+    @rule(ms=st.integers(1, 2 * TTL))
+    def time_passes(self, ms: int) -> None:
+        self.advance(ms)
+
+    @rule(data=st.data())
+    def pause(self, data: st.DataObject) -> None:
+        """A replica stops (a long GC, a stopped VM) past its lease; its requests go
+        on at the backends, the others go on ticking."""
+        r = self._pick(data)
+        if r is None:
+            return
+        r.paused = True
+        self.advance(TTL + 1)
+        # Its leases lapsed: another request may take their slots.
+        self.overdrawn.update(r.running)
+
+    @rule(data=st.data())
+    def resume(self, data: st.DataObject) -> None:
+        pool = [r for r in self.replicas if r.paused]
+        if not pool:
+            return
+        r = data.draw(st.sampled_from(pool))
+        r.paused = False
+        if not self.down:
+            self._tick(r)
+        elif r.local is None:
+            self._go_local(r)
+
+    @rule(data=st.data(), restart=st.booleans())
+    def crash(self, data: st.DataObject, restart: bool) -> None:
+        """A replica dies: its connections close, so its requests stop at the backends;
+        it releases nothing. Its queued jobs are dropped by the leader."""
+        r = self._pick(data)
+        if r is None:
+            return
+        r.crashed, r.crashed_at = True, self.clock()
+        for lease in r.running:
+            self.overdrawn.discard(lease)
+        r.running.clear()
+        self.orphans.extend(r.waiting)
+        r.waiting = {}
+        other = next((o for o in self.replicas if o.active and o.local is None), None)
+        if other is not None and not self.down:
+            self._drop_orphans(other)
+        if restart:
+            self._start()
+
+    @rule()
+    def lose_data(self) -> None:
+        """The store restarts without its data."""
+        if self.client is None:
+            fresh = SlotState()
+            for f in dataclasses.fields(SlotState):
+                setattr(self.state, f.name, getattr(fresh, f.name))
+        else:
+            client = self.client
+
+            async def wipe() -> None:
+                keys = [k async for k in client.scan_iter(match=self.prefix + "*")]
+                if keys:
+                    await client.delete(*keys)
+            self.run(wipe())
+        self.charged.clear()        # charges not yet taken in are lost with the data
+
+    @precondition(lambda self: not self.down)
+    @rule()
+    def outage(self) -> None:
+        """The store goes away: each replica carries on alone with what it holds and
+        its part of the slots free (replica.py's _go_local)."""
+        self.down = True
+        for r in self.replicas:
+            if r.active:
+                self._go_local(r)
+
+    def _go_local(self, r: Replica) -> None:
+        """replica.py's _go_local, when the replica finds the store away (a paused
+        one, once it resumes)."""
+        members = [m for m in r.members if m != r.name]
+        if r.name in r.members and (r.listed_ticks >= 2 or not members):
+            members.append(r.name)
+        members.sort()
+        limits = {}
+        for b, cap in BACKENDS.items():
+            held = sum(1 for x in r.running.values() if x == b)
+            if members == [r.name]:
+                limits[b] = cap
+            else:
+                limits[b] = outage_limit(cap, held, r.seen_used.get(b, held), members,
+                                         r.name)
+        r.local = limits
+
+    @precondition(lambda self: self.down)
+    @rule()
+    def store_back(self) -> None:
+        self.down = False
+        for r in self.replicas:
+            if r.active:
+                self._tick(r)
+        other = next((o for o in self.replicas if o.active), None)
+        if other is not None:
+            self._drop_orphans(other)
+
+    # -- invariants -----------------------------------------------------------------
+
+    def _truth(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {b: [] for b in BACKENDS}
+        for r in self.replicas:
+            for lease, b in r.running.items():
+                out[b].append(lease)
+        return out
+
+    @invariant()
+    def i1_no_backend_over_its_slots(self) -> None:
+        for b, leases in self._truth().items():
+            counted = [x for x in leases if x not in self.overdrawn]
+            assert len(counted) <= BACKENDS[b], (
+                f"{b} runs {sorted(counted)} (cap {BACKENDS[b]}; paused: "
+                f"{sorted(set(leases) & self.overdrawn)})")
+        if self.down:
+            for b, cap in BACKENDS.items():
+                limits = sum(r.local[b] for r in self.replicas
+                             if r.local is not None and r.active)
+                assert limits <= cap, f"local limits on {b} add up to {limits} > {cap}"
+
+    @invariant()
+    def i2_what_runs_holds_a_lease(self) -> None:
+        if self.down:
+            return
+        now = self.clock()
+        epoch = self._epoch()
+        for r in self.replicas:
+            if not r.active or r.local is not None or not r.running:
+                continue
+            if r.store.epoch != epoch:
+                continue      # it records them again before it takes a slot (I1)
+            held = sorted((b, lease) for lease, b in r.running.items())
+            # Read-only: renewing with a zero-length lease would change the store,
+            # so look at the leases as counts see them.
+            live = self._live_leases()
+            if live is None:
+                continue
+            missing = [h for h in held if h[1] not in live.get(h[0], set())]
+            assert not missing, f"{r.name} runs {missing} without a lease at {now}"
+
+    def _live_leases(self) -> dict[str, set[str]] | None:
+        now = self.clock()
+        if self.client is None:
+            return {b: {k for k, exp in self.state.leases.get(b, {}).items() if exp > now}
+                    for b in BACKENDS}
+        client = self.client
+
+        async def read() -> dict[str, set[str]]:
+            out = {}
+            for b in BACKENDS:
+                raw = await client.zrangebyscore(f"{self.prefix}lease:{b}", f"({now}",
+                                                 "+inf")
+                out[b] = {x.decode() for x in raw}
+            return out
+        return self.run(read())
+
+    @invariant()
+    def i3_capacity_comes_back(self) -> None:
+        now = self.clock()
+        if self.down or any(r.paused or r.local is not None for r in self.replicas):
+            return
+        if any(r.crashed and now - r.crashed_at < TTL for r in self.replicas):
+            return
+        epoch = self._epoch()
+        if any(r.active and r.store.epoch != epoch for r in self.replicas):
+            return
+        r = next((x for x in self.replicas if x.active), None)
+        if r is None:
+            return
+        counts, _ = self.call(r, lambda: r.store.counts(list(BACKENDS)))
+        truth = self._truth()
+        assert counts == [len(truth[b]) for b in BACKENDS], (
+            f"the store counts {counts}, yet {truth} run")
+
+    @invariant()
+    def i5_charges_are_made_once(self) -> None:
+        if self.down:
+            return
+        r = next((x for x in self.replicas if x.active), None)
+        if r is None:
+            return
+        taken = self.call(r, lambda: r.store.charges())
+        r.store.repeat = r.store.last_op
+        try:
+            assert self.call(r, lambda: r.store.charges()) == taken
+        finally:
+            r.store.repeat = None
+        assert taken == self.charged, f"charges taken {taken}, made {self.charged}"
+        self.charged = {}
+
+    def teardown(self) -> None:
+        try:
+            if self.client is not None:
+                client = self.client
+
+                async def close() -> None:
+                    keys = [k async for k in client.scan_iter(match=self.prefix + "*")]
+                    if keys:
+                        await client.delete(*keys)
+                    await client.aclose()
+                self.run(close())
+        finally:
+            self.loop.close()
+
+
+def machine(url: str) -> type[SlotProtocol]:
+    return type("SlotProtocolOn", (SlotProtocol,), {"url": url})
+
+
+MODEL_SETTINGS = settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+                          print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow,
+                                                 HealthCheck.filter_too_much])
+
+
+def test_the_protocol_keeps_its_invariants_in_memory() -> None:
+    run_state_machine_as_test(machine("memory"), settings=MODEL_SETTINGS)
+
+
+@pytest.mark.redis
+def test_the_protocol_keeps_its_invariants_in_redis(redis_url: str) -> None:
+    run_state_machine_as_test(machine(redis_url), settings=MODEL_SETTINGS)
