@@ -43,7 +43,7 @@ from corral.scheduler.queues import Job, Priority
 from corral.scheduler.shared.leader import arrival, describe, rebuild
 from corral.scheduler.shared.protocol import SlotState, outage_limit
 from corral.scheduler.shared.redis import RedisSlotStore
-from corral.scheduler.shared.store import EpochChanged, MemorySlotStore
+from corral.scheduler.shared.store import EpochChanged, MemorySlotStore, Released
 from tests.contract.limit_store_support import FakeClock
 
 T = TypeVar("T")
@@ -65,6 +65,19 @@ SEEN: Counter[str] = Counter()     # what the run went through: printed, to judg
 
 def seen(what: str) -> None:
     SEEN[what] += 1
+
+
+CORRECTION = -0.25      # exact in binary: sums compare equal
+
+
+def job_of(lease: str) -> str:
+    """A lease names its job: ``<job>.<attempt>`` taken by acquire, ``g<n>.<job>``
+    given by the leader."""
+    return lease.split(".", 1)[1] if lease.startswith("g") else lease.rpartition(".")[0]
+
+
+def client_of(job_id: str) -> str:
+    return f"c{int(job_id.rpartition('.')[2]) % 2}"
 
 
 class Unreachable(Exception):
@@ -246,8 +259,16 @@ class SlotProtocol(RuleBasedStateMachine):
         r.local = None
         pending, r.unreleased = r.unreleased, []
         for backend, lease, job_id in pending:
-            self.call(r, lambda b=backend, x=lease, j=job_id:  # type: ignore[misc]
-                      r.store.release(b, x, j))
+            self._release(r, backend, lease, job_id)
+
+    def _release(self, r: Replica, backend: str, lease: str, job_id: str) -> Released:
+        """A request ends: its slot goes back with the correction of its charge (its
+        real token count is known now)."""
+        client = client_of(job_id)
+        done = self.call(r, lambda: r.store.release(backend, lease, job_id, client,
+                                                    CORRECTION))
+        self.charged[client] = self.charged.get(client, 0.0) + CORRECTION
+        return done
 
     def advance(self, ms: int) -> None:
         """Time passes: every replica that runs (not paused, not crashed) ticks once
@@ -296,7 +317,7 @@ class SlotProtocol(RuleBasedStateMachine):
             self._acquire_alone(r, backends, lease)
             return
         descriptor = f'{{"job": "{job_id}"}}'.encode() if queue else None
-        client = f"c{r.seq % 2}"
+        client = client_of(job_id)
 
         def op() -> Awaitable[Any]:
             return r.store.acquire(backends, lease, TTL, job_id, descriptor, client, 1.0)
@@ -331,15 +352,17 @@ class SlotProtocol(RuleBasedStateMachine):
         lease = data.draw(st.sampled_from(sorted(r.running)))
         backend = r.running.pop(lease)
         self.overdrawn.discard(lease)
-        job_id = lease.rpartition(".")[0]
+        job_id = job_of(lease)
         if self.down or r.local is not None:
             r.unreleased.append((backend, lease, job_id))
             return
-        done = self.call(r, lambda: r.store.release(backend, lease, job_id))
+        done = self._release(r, backend, lease, job_id)
         if dup:
             r.store.repeat = r.store.last_op
+            client = client_of(job_id)
             try:
-                self.twice(r, lambda: r.store.release(backend, lease, job_id), done)
+                self.twice(r, lambda: r.store.release(backend, lease, job_id, client,
+                                                      CORRECTION), done)
             finally:
                 r.store.repeat = None
 
