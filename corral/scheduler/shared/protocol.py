@@ -24,7 +24,7 @@ things that make faults visible and retries harmless:
   delivered twice (a client library's retry after a lost answer, a duplicated
   message) gets the first answer again and has no second effect.
 
-Invariants (checked after every step by ``tests/unit/test_slot_protocol.py``, a
+Invariants (checked after every step by ``tests/contract/test_slot_protocol.py``, a
 model-based test that drives several replicas and one store — memory and Redis —
 through acquire, release, renew, grant, cancel, replica pause past its lease,
 replica crash, store restart with data loss, store unreachable and duplicated
