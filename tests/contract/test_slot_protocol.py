@@ -484,6 +484,10 @@ class SlotProtocol(RuleBasedStateMachine):
         the traffic between faults matters as much)."""
         if odds:
             return
+        # A restart takes time: two epochs are never created in one millisecond here.
+        # (They would get one name — "<ms>-<creator>" — and the replicas would not see
+        # that the data went a second time.)
+        self.clock.advance(1)
         if self.client is None:
             fresh = SlotState()
             for f in dataclasses.fields(SlotState):
