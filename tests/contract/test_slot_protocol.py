@@ -13,7 +13,7 @@ checked against it after every step.
 ``CORRAL_MODEL_STEPS`` (at most, per example; 100) and ``CORRAL_MODEL_EXAMPLES`` (200)
 set the run: the defaults check at least 10,000 steps per store. A longer run needs
 ``--timeout=0`` (the suite stops a test after 120 s). The model keeps out
-of three schedules that break I1 for reasons known and tested on their own below
+of schedules that break I1 for reasons known and tested on their own below
 (marked xfail, strict: they fail today, and say so once fixed).
 """
 
@@ -484,6 +484,10 @@ class SlotProtocol(RuleBasedStateMachine):
         the traffic between faults matters as much)."""
         if odds:
             return
+        # A restart takes time: two epochs are never created in one millisecond here.
+        # (They would get one name — "<ms>-<creator>" — and the replicas would not see
+        # that the data went a second time.)
+        self.clock.advance(1)
         if self.client is None:
             fresh = SlotState()
             for f in dataclasses.fields(SlotState):
@@ -500,7 +504,11 @@ class SlotProtocol(RuleBasedStateMachine):
 
     # Only once every replica lists every other: see
     # test_a_store_that_flaps_leaves_no_replica_alone_with_every_slot
-    @precondition(lambda self: not self.down and self.settled >= 2)
+    # Nor while a backend is over its cap after a pause: the holder's local limit is
+    # what it holds, so when the lapsed request ends it starts another in its place
+    # and the backend stays over its cap for the whole outage (a gap, reported).
+    @precondition(lambda self: not self.down and self.settled >= 2
+                  and not any(self.overdrawn & set(r.running) for r in self.replicas))
     @rule(odds=st.integers(0, 2))
     def outage(self, odds: int) -> None:
         """The store goes away: each replica carries on alone with what it holds and
@@ -720,10 +728,12 @@ async def _wipe(store: MemorySlotStore | RedisSlotStore) -> None:
             setattr(store.state, f.name, getattr(fresh, f.name))
     else:
         keys = [k async for k in store.client.scan_iter(match=store.channel("*"))]
-        await store.client.delete(*keys)
+        if keys:
+            await store.client.delete(*keys)
 
 
-@pytest.mark.xfail(strict=True, reason="known protocol gap: an epoch created by a replica "
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known protocol gap: an epoch created by a replica "
                    "that knew none opens no grace period, even after a data loss")
 async def test_a_replica_that_starts_right_after_a_data_loss_waits_for_the_grace_period(
         backend: str, clock: FakeClock) -> None:
@@ -798,7 +808,8 @@ def test_a_new_leader_rebuilds_the_queue_in_arrival_order(
 
 # -- outage limits from views that disagree (replica.py's side of I1) -------------------
 
-@pytest.mark.xfail(strict=True, reason="known gap: outage limits add up to the cap only "
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known gap: outage limits add up to the cap only "
                    "when replicas agree on the use; each refreshes it once a renewal "
                    "interval")
 def test_outage_limits_from_views_of_different_age_exceed_the_cap() -> None:
@@ -811,7 +822,8 @@ def test_outage_limits_from_views_of_different_age_exceed_the_cap() -> None:
     assert sum(limits) <= 2, f"local limits {limits} on a backend of 2 slots"
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: after an outage longer than a lease "
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known gap: after an outage longer than a lease "
                    "the replicas' heartbeats lapsed; the first back lists itself alone")
 def test_a_store_that_flaps_leaves_no_replica_alone_with_every_slot() -> None:
     # The store comes back after more than a lease: every replica key lapsed. r1 ticks
@@ -820,3 +832,21 @@ def test_a_store_that_flaps_leaves_no_replica_alone_with_every_slot() -> None:
     limits = [outage_limit(2, 0, 0, ["r1"], "r1"),
               outage_limit(2, 0, 0, ["r1", "r2"], "r2")]
     assert sum(limits) <= 2, f"local limits {limits} on a backend of 2 slots"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known gap: an epoch is named <ms>-<creator>; two created in "
+                   "one millisecond by one creator get the same name")
+async def test_data_lost_twice_in_one_millisecond_is_seen_twice(
+        backend: str, clock: FakeClock) -> None:
+    store = _store(backend, clock)
+    try:
+        await _wipe(store)
+        await _join(store, "r1")            # the replica's heartbeat creates the epoch
+        await _wipe(store)                  # lost again, within the same millisecond
+        # The epoch its next heartbeat creates has the name it knows: it is not told
+        # to record what runs, and the slots its requests use are free in the store.
+        epoch = await store.heartbeat("r1", b"{}", TTL)
+        assert epoch.name != store.epoch, "the replica did not see the data go"
+    finally:
+        await store.close()
