@@ -147,6 +147,7 @@ class Workers:
         self._requests: dict[str, asyncio.Task[Reply]] = {}
         self._abandoned: set[str] = set()
         self._session: aiohttp.ClientSession | None = None
+        self._stopping = False
         self._store_down = False
         self.size = 0
         self.busy = 0
@@ -168,6 +169,10 @@ class Workers:
         self._tasks.append(loop.create_task(self._reaper(), name="corral-job-reaper"))
 
     async def stop(self) -> None:
+        # A flag besides the cancellation: a client library that swallows a
+        # CancelledError (a Redis call interrupted mid-command) must not leave a
+        # worker looping after shutdown.
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -213,7 +218,7 @@ class Workers:
 
     async def _loop(self, worker: str) -> None:
         await self._until_listening()
-        while True:
+        while not self._stopping:
             cfg = self._config()
             # Cleared before looking: a submission after this point sets it again, so
             # it cannot be missed between an empty claim and the wait.
