@@ -19,7 +19,7 @@ def _libc_trim() -> Callable[[int], int] | None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         trim: Callable[[int], int] = libc.malloc_trim
     except (OSError, AttributeError):
-        return None             # not glibc: its allocator gives memory back itself
+        return None             # not glibc (musl, macOS): nothing to ask
     return trim
 
 
@@ -29,9 +29,9 @@ _trim = _libc_trim()
 def give_back_memory() -> None:
     """Hand the C heap's free pages back to the system (glibc keeps them otherwise).
 
-    Called after a large amount of per-client state was forgotten: Python frees the
-    objects, but without this the process's resident size would stay at the flood's
-    peak. Off the request path; a few milliseconds at most."""
+    Called after each pass that forgets idle clients' state: Python frees the
+    objects, but after a flood the process's resident size would otherwise stay at
+    its peak. Off the request path; a few milliseconds at most."""
     if _trim is not None:
         _trim(0)
 

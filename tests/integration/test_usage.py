@@ -101,8 +101,11 @@ async def test_the_ledger_holds_what_the_requests_did(start_sim: Any, start_corr
         failed = rows[("alice", "mistral:7b")]
         assert (failed["requests"], failed["errors"], failed["tokens_out"]) == (1, 1, 0)
         bob = rows[("bob", "mistral:7b")]
-        assert (bob["requests"], bob["tokens_in"], bob["tokens_out"]) == (3, *seen["bob"])
-        assert bob["refusals"] == {"batch-rate": 2} and bob["refused"] == 2
+        assert (bob["requests"], bob["tokens_in"], bob["tokens_out"]) == (1, *seen["bob"])
+        # Refused before their body was read (the rule names no models): no model.
+        refused = rows[("bob", "")]
+        assert refused["requests"] == 2 and refused["tokens_out"] == 0
+        assert refused["refusals"] == {"batch-rate": 2} and refused["refused"] == 2
         anonymous = rows[("127.0.0.1", "llama3.2:latest")]
         assert anonymous["requests"] == 1
         assert body["totals"]["requests"] == 8 and body["totals"]["refused"] == 2
