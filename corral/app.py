@@ -416,6 +416,8 @@ async def _healthz(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
 
 async def _readyz(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     ready = bool(gw.fleet.up_backends(time.monotonic()))
+    if ready and isinstance(gw.scheduler, SharedScheduler):
+        ready = gw.scheduler.ready()
     return web.json_response({"ready": ready}, status=200 if ready else 503)
 
 

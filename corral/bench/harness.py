@@ -226,9 +226,12 @@ async def _stop(proc: asyncio.subprocess.Process, grace: float = 5.0) -> None:
 
 
 async def _wait_ready(target: Target, within: float = 30.0) -> None:
-    """Poll ``GET /api/tags`` until it answers 200 (the stand-in, nginx in front of it,
-    and Corral all serve it)."""
-    request = encode_request(target.host, target.port, "GET", "/api/tags")
+    """Poll ``GET /readyz`` until it answers 200 (Corral: up, and with shared state past
+    the store's first grace period), or ``GET /api/tags`` where there is no such page
+    (the stand-in, nginx in front of it)."""
+    ready = encode_request(target.host, target.port, "GET", "/readyz")
+    tags = encode_request(target.host, target.port, "GET", "/api/tags")
+    request = ready
     deadline = time.monotonic() + within
     last = "no answer"
     while time.monotonic() < deadline:
@@ -236,6 +239,9 @@ async def _wait_ready(target: Target, within: float = 30.0) -> None:
         conn = target.connection()
         try:
             resp = await asyncio.wait_for(conn.exchange(request), 2.0)
+            if resp.status == 404 and request is ready:
+                request = tags
+                continue
             if resp.status == 200:
                 return
             last = f"status {resp.status}"

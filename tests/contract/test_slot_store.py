@@ -11,6 +11,7 @@ import pytest
 from corral.scheduler.shared.protocol import SlotState
 from corral.scheduler.shared.redis import RedisSlotStore
 from corral.scheduler.shared.store import (
+    DEFAULT_GRACE_MS,
     FLEET,
     LEADER,
     EpochChanged,
@@ -37,6 +38,9 @@ async def slots(backend: str, clock: FakeClock) -> AsyncIterator[SlotStore]:
         # Only the clock of operations is faked: key TTLs still run on Redis's own.
     try:
         await join(store)
+        # A new epoch always opens a grace period (nobody can tell a first use from a
+        # data loss); these tests start once it is over.
+        clock.advance(DEFAULT_GRACE_MS)
         yield store
     finally:
         await store.close()
@@ -336,13 +340,36 @@ async def test_a_store_that_lost_its_data_is_noticed_and_told_again_what_runs(
     assert (await other.acquire([("a", 1)], "z", TTL, "jz", None)).index == 0
 
 
-async def test_a_store_used_for_the_first_time_has_no_grace_period(
-        slots: SlotStore) -> None:
+async def test_whoever_reaches_an_empty_store_first_waits_out_the_grace_period(
+        slots: SlotStore, clock: FakeClock) -> None:
+    """A replica starting right after a data loss cannot tell it from a first use:
+    the slot a request of another replica still uses is not given before that
+    replica has had the time to record it again."""
+    await slots.acquire([("a", 1)], "old", TTL, "j1", None)
+    await lose_data(slots)
     newcomer = slots.share() if isinstance(slots, MemorySlotStore) else RedisSlotStore(
-        slots.client, prefix=slots.channel(""))
-    assert (await newcomer.heartbeat("r9", b"{}", TTL)).name == slots.epoch
-    await newcomer.adopt([], TTL, epoch=slots.epoch)
-    assert (await newcomer.acquire([("a", 1)], "l1", TTL, "j1", None)).index == 0
+        slots.client, prefix=slots.channel(""), clock=clock)
+    epoch = await newcomer.heartbeat("r9", b"{}", TTL)
+    assert epoch.grace_until > clock()
+    await newcomer.adopt([], TTL, epoch=epoch.name)
+    assert (await newcomer.acquire([("a", 1)], "l1", TTL, "j2", None)).index is None
+    # The old replica's next word: refused, it records its lease again.
+    with pytest.raises(EpochChanged) as changed:
+        await slots.renew([("a", "old")], TTL)
+    await slots.adopt([("a", "old")], TTL, epoch=changed.value.epoch)
+    clock.advance(epoch.grace_until - clock())
+    assert (await newcomer.acquire([("a", 1)], "l2", TTL, "j3", None)).index is None
+    assert await slots.counts(["a"]) == ([1], 0)
+
+
+async def test_epochs_never_share_a_name(slots: SlotStore) -> None:
+    """Data lost twice within one millisecond is seen twice."""
+    first = slots.epoch
+    await lose_data(slots)
+    second = (await slots.heartbeat("r1", b"{}", TTL)).name
+    await lose_data(slots)
+    third = (await slots.heartbeat("r1", b"{}", TTL)).name
+    assert len({first, second, third}) == 3
 
 
 async def test_an_operation_delivered_twice_has_no_second_effect(

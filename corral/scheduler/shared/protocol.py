@@ -35,9 +35,10 @@ delivery):
   leases recorded again by ``renew`` for a replica that was paused past its lease
   while another request took the slot (the documented exception: such a backend
   gets no new slot until it is under its cap again). During an outage, each
-  replica's local limit is the slots it held when the store went away plus its
-  part of the slots free then (:func:`outage_limit`), so the limits add up to at most
-  ``max_concurrency``.
+  replica's local limit is the slots it held when the store went away, less any
+  excess over the cap (:func:`outage_limit`), so the limits add up to at most
+  ``max_concurrency`` whatever the replicas' views; only a replica the store listed
+  alone for a whole lease takes them all.
 - **I2** A request running at a backend holds a live lease, or is counted in its
   replica's local share while the store is away, or (after a new epoch) is recorded
   again before its replica takes any new slot.
@@ -64,6 +65,11 @@ FLEET: Final = "fleet"   # loads the leader decided (``load <backend> <model> <n
                          # and loads that finished (``ready …``): every replica's view
 MEMO_MS: Final = 60_000  # how long the answer to an operation id is remembered: far
                          # longer than any retry of it (a socket timeout or two)
+
+
+# Epochs this process created (the memory store's; Redis names them from a call id
+# unique to the call): kept outside the state, which a data loss wipes.
+_created = [0]
 
 
 def replica_channel(replica: str) -> str:
@@ -143,13 +149,15 @@ class SlotState:
     # -- the epoch ------------------------------------------------------------------
 
     def ensure_epoch(self, now: int, known: str, candidate: str, grace_ms: int) -> Epoch:
-        """The epoch, created when the store has none. A caller that knew an older
-        one has requests to record again: a grace period runs from the new epoch's
-        creation (a store used for the first time needs none)."""
+        """The epoch, created when the store has none, with a grace period: whoever
+        reaches an empty store first — even a replica that knew no epoch — cannot tell
+        a store used for the first time from one that lost its data, while requests of
+        other replicas may still run unrecorded. ``candidate`` is unique per call, so
+        two epochs never share a name (not even two created in one millisecond)."""
         if self.epoch is None:
-            self.epoch, self.epoch_at = f"{now}-{candidate}", now
-        if known and known != self.epoch:
-            self.grace_until = max(self.grace_until, self.epoch_at + grace_ms)
+            _created[0] += 1
+            self.epoch, self.epoch_at = f"{now}-{candidate}-{_created[0]}", now
+            self.grace_until = now + grace_ms
         return Epoch(self.epoch, self.grace_until)
 
     def check(self, now: int, epoch: str, candidate: str, grace_ms: int) -> None:
@@ -372,24 +380,33 @@ def job_replica(job_id: str) -> str:
     return job_id.rpartition(".")[0]
 
 
-def part(slots: int, members: int, rank: int) -> int:
-    """``slots`` divided among ``members``, the remainder to the first ranks: the parts
-    add up to ``slots`` exactly."""
-    members = max(members, 1)
-    if rank >= members:
-        return 0
-    return slots // members + (1 if rank < slots % members else 0)
-
-
-def outage_limit(cap: int, held: int, used: int, members: Sequence[str], me: str) -> int:
+def outage_limit(cap: int, held: int, used: int, alone: bool) -> int:
     """This replica's limit on a backend while the shared store is away (I1).
 
     ``held`` is the slots its own requests hold when the store goes away; ``used`` the
-    backend's use the store last reported (all replicas). The slots held stay with
-    their holders; the slots free then are divided among ``members`` — the replicas
-    the store listed, in one order for all — so that the limits add up to the cap.
-    A replica not among them (it has just started) takes no free slot."""
-    free = max(cap - max(used, held), 0)
-    ordered = sorted(members)
-    rank = ordered.index(me) if me in ordered else len(ordered)
-    return held + part(free, len(ordered), rank)
+    backend's use the store last reported (all replicas). A replica that has been the
+    only one the store listed for a whole lease (or never reached it) is alone: all
+    the slots are its. Otherwise it keeps the slots it holds — less any excess of the
+    backend over its cap, the mark of a replica that was paused past its lease — and
+    gives them, as its requests end, to its next waiting ones; it takes no free slot.
+
+    Why no free slot: the replicas' views of the use are up to a renewal interval
+    apart, and a slot another took since its last view would be given twice. What the
+    replicas hold adds up to at most the cap, whatever their views: each knows its own
+    exactly, and the store gave every one of them under the cap."""
+    if alone:
+        return cap
+    return max(held - max(used - cap, 0), 0)
+
+
+def sole(members: Sequence[str], me: str, listed_alone_since: float | None, now: float,
+         lease_s: float) -> bool:
+    """Whether a replica may take every slot while the store is away: it never reached
+    the store (it knows of no other), or the store has listed it alone at every
+    heartbeat for a whole lease — long enough for any other live replica to have shown
+    up, since a heartbeat lasts one lease. A replica back from an outage longer than a
+    lease is listed alone at first; it is not alone for that."""
+    if not members:
+        return True
+    return (list(members) == [me] and listed_alone_since is not None
+            and now - listed_alone_since >= lease_s)

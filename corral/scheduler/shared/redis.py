@@ -136,7 +136,7 @@ class RedisSlotStore:
         # The remembered answer is kept per operation kind: an acquire and a grant
         # may carry the same lease name.
         return ([*self._fixed, f"{self._prefix}op:{op}:{memo or '-'}", *keys],
-                [self._now(), op, self.epoch, self.grace_ms, memo or self._name, *args])
+                [self._now(), op, self.epoch, self.grace_ms, self._op(), *args])
 
     async def _run(self, op: str, backends: Sequence[str],
                    args: Sequence[str | int | bytes], memo: str = "") -> Any:

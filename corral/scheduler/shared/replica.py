@@ -34,7 +34,7 @@ from corral.pipeline.route import Router
 from corral.scheduler.placement import Placement
 from corral.scheduler.queues import Job, JobQueue
 from corral.scheduler.shared.leader import Leader, describe, stoppable_text
-from corral.scheduler.shared.protocol import outage_limit
+from corral.scheduler.shared.protocol import outage_limit, sole
 from corral.scheduler.shared.store import (
     FLEET,
     LEADER,
@@ -100,6 +100,9 @@ class SharedScheduler(Scheduler):
         # (those listed for a full renewal interval, so every replica lists them too).
         self._used: dict[str, int] = {}
         self._members: list[str] = []
+        self._alone_since: float | None = None   # listed alone by the store since
+        self._grace_until: int | None = None      # ms: no slot is given before it
+        self._started = False
         self._epoch_since = -math.inf          # when this replica joined the epoch
         self._rejoining: asyncio.Task[None] | None = None
         self._unreleased: list[Release] = []   # releases the store did not confirm
@@ -293,9 +296,12 @@ class SharedScheduler(Scheduler):
             log.warning("shared slot store unavailable (%s): requests get 503 until it is "
                         "back", exc)
             return
-        log.warning("shared slot store unavailable (%s): this replica carries on alone with "
-                    "the slots its requests hold and its part of those free (%d replica(s) "
-                    "sharing them) until it is back", exc, max(len(self._members), 1))
+        if self.alone():
+            log.warning("shared slot store unavailable (%s): this replica, the only one, "
+                        "carries on with every slot until it is back", exc)
+        else:
+            log.warning("shared slot store unavailable (%s): this replica carries on "
+                        "alone with the slots its requests hold until it is back", exc)
         self._go_local()
 
     def membership_settled(self) -> bool:
@@ -304,25 +310,25 @@ class SharedScheduler(Scheduler):
         waiting jobs must not be taken for those of replicas gone."""
         return self.clock() - self._epoch_since >= self.lease_ms / 1000
 
-    def _members_now(self) -> list[str]:
-        """The replicas that share the free slots during an outage: those the store
-        listed at the last heartbeat. This replica counts itself only once every other
-        one has listed it too (each heartbeat says which replicas its sender sees), so
-        no two views give out the same free slot; one not yet listed by all takes
-        none."""
-        others = [r for r in self._members if r != self.replica]
-        members = list(others)
-        if self.replica in self._members and all(
-                self.replica in _sees(self.replicas.get(r, {})) for r in others):
-            members.append(self.replica)
-        return sorted(members)
+    def ready(self) -> bool:
+        """Ready to serve once it has joined the store and the store's first grace
+        period is over (a fleet's first start waits it out before a load balancer
+        sends anything), or once it carries on without the store. Once ready, a later
+        grace period (the store lost its data) only makes requests queue a moment."""
+        if not self._started:
+            self._started = self.outage or (
+                self._grace_until is not None and bool(self.store.epoch)
+                and time.time() * 1000 >= self._grace_until)
+        return self._started
+
+    def alone(self) -> bool:
+        return sole(self._members, self.replica, self._alone_since, self.clock(),
+                    self.lease_ms / 1000)
 
     def _local_limit(self, b: Backend, held: int) -> int:
         cap = self._caps.get(id(b), b.max_concurrency)
-        members = self._members_now()
-        if members == [self.replica]:
-            return cap                      # alone: all of it
-        return outage_limit(cap, held, self._used.get(b.name, held), members, self.replica)
+        return outage_limit(cap, held, max(self._used.get(b.name, held), held),
+                            self.alone())
 
     def _go_local(self) -> None:
         self.local = True
@@ -684,13 +690,18 @@ class SharedScheduler(Scheduler):
             try:
                 # A replica is alive as long as its leases would be: its heartbeat
                 # lasts one lease.
-                epoch = await self.store.heartbeat(self.replica, self._info(), self.lease_ms)
+                epoch = await self.store.heartbeat(self.replica, self.info(), self.lease_ms)
+                self._grace_until = epoch.grace_until
                 if epoch.name != self.store.epoch:
                     await self._rejoin(epoch.name)
                 await self._store_back()
                 alive = await self.store.replicas()
                 self.replicas = {r: decode_info(raw) for r, raw in alive.items()}
                 self._members = sorted(alive)
+                if self._members != [self.replica]:
+                    self._alone_since = None
+                elif self._alone_since is None:
+                    self._alone_since = self.clock()
                 self.replicas.setdefault(self.replica, {})
                 self._compare_configs()
                 self.fleet.adopt_remote(
@@ -721,13 +732,6 @@ class SharedScheduler(Scheduler):
                     await self.leader.stop()     # a new one is elected once it is back
                     self.leader = None
             await asyncio.sleep(RENEW_INTERVAL_S)
-
-    def _info(self) -> bytes:
-        """What this replica is, and which replicas it sees (for the agreement on who
-        shares the free slots during an outage)."""
-        info = decode_info(self.info())
-        info["sees"] = self._members
-        return orjson.dumps(info)
 
     def _compare_configs(self) -> None:
         """Replicas on one store must run one configuration, or they do not enforce
@@ -795,15 +799,10 @@ class SharedScheduler(Scheduler):
                 "alone": self.local, "on_store_error": self.on_store_error,
                 "config": decode_info(self.info()).get("config"),
                 "config_mismatch": self.mismatched,
-                "sharing": self._members_now(),
+                "sole": self.alone(),
                 "replicas": [{"id": r, **{k: v for k, v in info.items()
                                           if k not in ("knowledge", "sees")}}
                              for r, info in sorted(self.replicas.items())]}
-
-
-def _sees(info: dict[str, object]) -> list[str]:
-    sees = info.get("sees")
-    return [str(r) for r in sees] if isinstance(sees, list) else []
 
 
 def decode_info(raw: bytes) -> dict[str, object]:

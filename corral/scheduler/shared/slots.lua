@@ -22,7 +22,7 @@
 --                  the replica's key and the set of replica names)
 -- ARGV[1] now in ms, or "" to read the server's TIME (one clock for all replicas)
 -- ARGV[2] operation; ARGV[3] the epoch the caller knows; ARGV[4] the grace period in
--- ms; ARGV[5] a name for a new epoch; ARGV[6..] the operation's arguments, below.
+-- ms; ARGV[5] a name for a new epoch (unique to the call); ARGV[6..] the operation's arguments, below.
 --
 -- Channels are named from ARGV: the leader's (events that may change who goes next)
 -- and each replica's (the grants it waits for).
@@ -37,20 +37,16 @@ local MEMO_MS = 60000
 local op = ARGV[2]
 local function arg(i) return ARGV[5 + i] end
 
--- The epoch: created at first use (or after the store lost its data). A caller that
--- knew an older one has requests to record again: a grace period runs from the new
--- epoch's creation, during which no slot is given.
+-- The epoch: created at first use (or after the store lost its data), with a grace
+-- period during which no slot is given (every replica records what it runs first).
 local function epoch()
   local e = redis.call('HMGET', EPOCH, 'name', 'at', 'grace')
   local name, at, grace = e[1], tonumber(e[2]), tonumber(e[3] or '0')
   if not name then
-    name, at, grace = int(now) .. '-' .. ARGV[5], now, 0
-    redis.call('HSET', EPOCH, 'name', name, 'at', int(at), 'grace', 0)
-  end
-  local known = ARGV[3]
-  if known ~= '' and known ~= name and at + tonumber(ARGV[4]) > grace then
-    grace = at + tonumber(ARGV[4])
-    redis.call('HSET', EPOCH, 'grace', int(grace))
+    -- Whoever reaches an empty store first cannot tell a first use from a data loss:
+    -- a grace period always. ARGV[5] is unique per call: no two epochs share a name.
+    name, at, grace = int(now) .. '-' .. ARGV[5], now, now + tonumber(ARGV[4])
+    redis.call('HSET', EPOCH, 'name', name, 'at', int(at), 'grace', int(grace))
   end
   return name, grace
 end
