@@ -102,6 +102,8 @@ class Options:
     redis_pause: float = 2.5      # the slot store's socket timeout is 1 s
     replica_pause: float = 5.0    # past the lease
     window: float = 8.0
+    # At least this long between a fault's healing and the next fault.
+    calm: float = 2.0
     warmup: float = 3.0
     # Longer than Corral's default queue.max_wait (120 s): a request that waits that
     # long ends as a 503 with Retry-After, not as a silence.
@@ -534,7 +536,10 @@ async def run(opts: Options, workdir: Path, progress: Progress) -> dict[str, Any
             count = fault_count(opts)
             per_kind: Counter[str] = Counter()
             for i in range(count):
-                await _until(first + i * opts.fault_every)
+                # Some calm after each fault, however long it took: whether the
+                # capacity came back after it is measured there.
+                calm = faults[-1].healed + opts.calm if faults else 0.0
+                await _until(max(first + i * opts.fault_every, calm))
                 kind = KINDS[i % len(KINDS)]
                 f = await inflict(fleet, kind, per_kind[kind], opts)
                 per_kind[kind] += 1
