@@ -9,8 +9,8 @@ streaming request after another, each to a replica picked at random, each try wi
 own run id (the stand-in's ``X-Sim-Run-Id``) so that the stand-in can tell a request
 it ran twice.
 
-The faults, in turn, one every ``fault_every`` seconds (or as soon as the previous
-one healed, if it took longer):
+The faults, in turn, one every ``fault_every`` seconds (and at least ``calm`` seconds
+after the previous one healed), in whole rounds of the four kinds:
 
 - ``redis restarted`` — SIGKILL to redis-server, and a new one at once on the same
   port: every key is gone;
@@ -26,21 +26,23 @@ What a client's try ends as:
 - ``answered`` — 200 and a complete stream (a last line with ``"done": true``, no
   error line);
 - ``refused`` — 503 with ``Retry-After``: the gateway said no and when to come back;
-  the client waits that long and sends the request again (to the next replica);
+  the client waits that long and sends the request again (to another replica);
 - ``rerouted`` — the connection was refused before anything was sent (the replica
-  is down): a load balancer sends it to the next replica, so the client does;
-- ``cut by a replica's death`` — the replica was killed while the try was open and it
-  got no complete answer: that is the replica's death, not the protocol's; a load
-  balancer would send it again, so the client does (with a new run id);
+  is down): a load balancer sends it to another replica, so the client does;
+- ``cut by a replica's death`` — the replica was killed while the try was open (or
+  was being killed when it began) and it got no complete answer: that is the
+  replica's death, not the protocol's; a load balancer would send it again, so the
+  client does (with a new run id);
 - ``lost`` — anything else: another status, a 503 without ``Retry-After``, an
   incomplete or error stream, a reset or a silence past ``request_deadline`` from a
   replica that was not killed.
 
 A request is lost when one of its tries is (the goal: none). Measured at the stand-in:
 the most requests open there at once, and every stretch with more open than its slots;
-a stretch that began while a replica was paused and that holds a request sent through
-that replica is the documented case (a replica paused longer than its lease, whose
-lease lapsed under a request still running) and is counted apart. Served rate:
+a stretch that began while a replica was paused, or within a lease after it resumed,
+and that holds a request sent through that replica is the documented case (a replica
+paused longer than its lease, whose lease lapsed under a request it had granted) and
+is counted apart. Served rate:
 answers per second in the ``window`` seconds after the last fault healed against the
 ``window`` seconds before the first fault.
 """
@@ -102,6 +104,8 @@ class Options:
     redis_pause: float = 2.5      # the slot store's socket timeout is 1 s
     replica_pause: float = 5.0    # past the lease
     window: float = 8.0
+    # At least this long between a fault's healing and the next fault.
+    calm: float = 2.0
     warmup: float = 3.0
     # Longer than Corral's default queue.max_wait (120 s): a request that waits that
     # long ends as a 503 with Retry-After, not as a silence.
@@ -534,7 +538,10 @@ async def run(opts: Options, workdir: Path, progress: Progress) -> dict[str, Any
             count = fault_count(opts)
             per_kind: Counter[str] = Counter()
             for i in range(count):
-                await _until(first + i * opts.fault_every)
+                # Some calm after each fault, however long it took: whether the
+                # capacity came back after it is measured there.
+                calm = faults[-1].healed + opts.calm if faults else 0.0
+                await _until(max(first + i * opts.fault_every, calm))
                 kind = KINDS[i % len(KINDS)]
                 f = await inflict(fleet, kind, per_kind[kind], opts)
                 per_kind[kind] += 1
