@@ -97,6 +97,7 @@ class RedisSlotStore:
         # Operation ids: this handle's name and a counter (unique across replicas).
         self._name = uuid.uuid4().hex[:12]
         self._ops = itertools.count()
+        self._candidates = itertools.count()   # names for a new epoch, unique per call
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX,
@@ -136,7 +137,8 @@ class RedisSlotStore:
         # The remembered answer is kept per operation kind: an acquire and a grant
         # may carry the same lease name.
         return ([*self._fixed, f"{self._prefix}op:{op}:{memo or '-'}", *keys],
-                [self._now(), op, self.epoch, self.grace_ms, self._op(), *args])
+                [self._now(), op, self.epoch, self.grace_ms,
+                 f"{self._name}~{next(self._candidates)}", *args])
 
     async def _run(self, op: str, backends: Sequence[str],
                    args: Sequence[str | int | bytes], memo: str = "") -> Any:
