@@ -540,7 +540,7 @@ class SlotProtocol(RuleBasedStateMachine):
     def _go_local(self, r: Replica) -> None:
         """replica.py's _go_local, when the replica finds the store away (a paused
         one, once it resumes)."""
-        alone = sole(r.members, r.name, r.alone_since, self.clock(), 2 * RENEW)
+        alone = sole(r.members, r.name, r.alone_since, self.clock(), TTL)
         limits = {}
         for b, cap in BACKENDS.items():
             held = sum(1 for x in r.running.values() if x == b)

@@ -38,7 +38,7 @@ delivery):
   replica's local limit is the slots it held when the store went away, less any
   excess over the cap (:func:`outage_limit`), so the limits add up to at most
   ``max_concurrency`` whatever the replicas' views; only a replica the store listed
-  alone for two renewal intervals takes them all.
+  alone for a whole lease takes them all.
 - **I2** A request running at a backend holds a live lease, or is counted in its
   replica's local share while the store is away, or (after a new epoch) is recorded
   again before its replica takes any new slot.
@@ -400,14 +400,13 @@ def outage_limit(cap: int, held: int, used: int, alone: bool) -> int:
 
 
 def sole(members: Sequence[str], me: str, listed_alone_since: float | None, now: float,
-         settle_s: float) -> bool:
+         lease_s: float) -> bool:
     """Whether a replica may take every slot while the store is away: it never reached
     the store (it knows of no other), or the store has listed it alone at every
-    heartbeat for ``settle_s`` (two renewal intervals) — long enough for any other
-    live replica, which heartbeats once an interval, to have shown up. A replica back
-    from an outage longer than a lease is listed alone at first; it is not alone for
-    that."""
+    heartbeat for a whole lease — long enough for any other live replica to have shown
+    up, since a heartbeat lasts one lease. A replica back from an outage longer than a
+    lease is listed alone at first; it is not alone for that."""
     if not members:
         return True
     return (list(members) == [me] and listed_alone_since is not None
-            and now - listed_alone_since >= settle_s)
+            and now - listed_alone_since >= lease_s)

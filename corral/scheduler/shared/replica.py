@@ -322,10 +322,8 @@ class SharedScheduler(Scheduler):
         return self._started
 
     def alone(self) -> bool:
-        # Two renewal intervals: every live replica that reaches the store lists
-        # itself at least once a second, so after two it would have shown up.
         return sole(self._members, self.replica, self._alone_since, self.clock(),
-                    2 * RENEW_INTERVAL_S)
+                    self.lease_ms / 1000)
 
     def _local_limit(self, b: Backend, held: int) -> int:
         cap = self._caps.get(id(b), b.max_concurrency)
