@@ -346,7 +346,11 @@ async def test_redis_lost_mid_run(sim: Sim, start_corral: Any, start_redis: Any,
                                   policy: str, after: int) -> None:
     redis = start_redis()
     gw = start_corral({"backends": backends(sim, slots=64), "state": redis.url,
+                       "queue": {"slot_lease": "3s"},
                        "limits": {"on_store_error": policy, "rules": [seed_rule()]}})
+    # The only replica, for a whole lease: should the store go away, every slot is its.
+    await eventually(lambda: gw.status()["shared"]["sole"],
+                     "the replica to know it is the only one")
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
         assert await codes(s, gw, 3) == [200, 200, 429]
         redis.kill()
